@@ -1,0 +1,46 @@
+# The two commands a newcomer needs: `make serve` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+TINY   ?= models/tiny-llava
+HOST   ?= 127.0.0.1
+PORT   ?= 9090
+
+.PHONY: install serve test lint tiny-model clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned: a range that admits newer releases would pull a multi-GB CUDA build on CPU machines.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check "torch==2.13.0"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+$(TINY)/config.json: | $(VENV)/.installed
+	$(BIN)/mllm-backend tiny-model $(TINY)
+
+tiny-model: $(TINY)/config.json
+
+# Serves MLLM_MODEL if set; otherwise a tiny random checkpoint (offline demo: its labels are random).
+serve: install
+	@if [ -z "$$MLLM_MODEL" ]; then \
+		$(MAKE) --no-print-directory tiny-model; \
+		echo "MLLM_MODEL is not set: serving the tiny RANDOM checkpoint $(TINY) (labels are random)."; \
+		echo "For real labels: MLLM_MODEL=Qwen/Qwen2.5-VL-7B-Instruct make serve (on a GPU)."; \
+		MLLM_MODEL=$(TINY) $(BIN)/mllm-backend serve --host $(HOST) --port $(PORT); \
+	else \
+		$(BIN)/mllm-backend serve --host $(HOST) --port $(PORT); \
+	fi
+
+lint: install
+	$(BIN)/ruff check backend tests
+	$(BIN)/ruff format --check backend tests
+
+test: install lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) models .pytest_cache .ruff_cache

@@ -1,0 +1,34 @@
+"""Constrained choice: the model picks one of a fixed set of answers, scored by log-probability."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from backend.models.engine import Engine
+
+
+@dataclass(frozen=True)
+class Choice:
+    label: str
+    probability: float  # of ``label``, normalised over ``labels``
+    labels: tuple[str, ...]
+    probabilities: tuple[float, ...]  # one per label, summing to 1
+
+    @property
+    def margin(self) -> float:
+        """How far the chosen label is ahead of the runner-up (0 when there is only one label)."""
+        ranked = sorted(self.probabilities, reverse=True)
+        return ranked[0] - ranked[1] if len(ranked) > 1 else ranked[0]
+
+
+def choose(engine: Engine, images: Sequence[Image.Image], prompt: str, labels: Sequence[str]) -> list[Choice]:
+    """For each image, the most probable of ``labels`` as the answer to ``prompt``."""
+    probabilities = engine.score_options(images, prompt, labels).probabilities
+    choices = []
+    for row in probabilities:
+        best = int(row.argmax())
+        choices.append(Choice(labels[best], float(row[best]), tuple(labels), tuple(float(p) for p in row)))
+    return choices

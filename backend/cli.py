@@ -1,0 +1,87 @@
+"""mllm-backend: serve the Label Studio ML backend, or build a tiny offline checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from backend.settings import Settings, SettingsError
+
+TINY_HELP = (
+    "Write a tiny random-weight image-text-to-text checkpoint (model + processor, built offline) to DIR. "
+    "It is for demos and tests on machines without a GPU or a model hub: MLLM_MODEL=DIR serves it, "
+    "but its labels are random. For real labels use a real checkpoint, e.g. MLLM_MODEL=Qwen/Qwen2.5-VL-7B-Instruct."
+)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _load_settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        print(f"mllm-backend: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def serve(host: str, port: int, threads: int) -> None:
+    """Run the app under gunicorn: one worker process (one copy of the model), several threads."""
+    from gunicorn.app.base import BaseApplication
+
+    from backend.server import create_app
+    from backend.service import build_service
+
+    settings = _load_settings()
+    _configure_logging(settings.log_level)
+
+    class _Gunicorn(BaseApplication):
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{host}:{port}")
+            self.cfg.set("workers", 1)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("threads", threads)
+            self.cfg.set("timeout", 300)
+            self.cfg.set("accesslog", "-")
+
+        def load(self):  # in the worker, so the model loads after the fork
+            try:
+                return create_app(build_service(settings))
+            except Exception as exc:
+                print(f"mllm-backend: cannot start: {exc}", file=sys.stderr)
+                raise
+
+    _Gunicorn().run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mllm-backend", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("serve", help="start the ML backend (configured from the environment; see README)")
+    run.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    run.add_argument("--port", type=int, default=9090, help="port (default 9090)")
+    run.add_argument("--threads", type=int, default=8, help="request threads in the one worker (default 8)")
+
+    tiny = commands.add_parser(
+        "tiny-model", help="write a tiny random checkpoint for offline demos/tests", description=TINY_HELP
+    )
+    tiny.add_argument("dir", help="output directory")
+    tiny.add_argument("--arch", choices=["llava", "idefics3"], default="llava", help="architecture (default llava)")
+    tiny.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.host, args.port, args.threads)
+    elif args.command == "tiny-model":
+        from backend.models.tiny import build_tiny_checkpoint
+
+        out = build_tiny_checkpoint(args.dir, args.arch, args.seed)
+        print(f"wrote a tiny random {args.arch} checkpoint to {out} (random weights: its labels are random)")
+        print(f"serve it with: MLLM_MODEL={out} mllm-backend serve")
+
+
+if __name__ == "__main__":
+    main()

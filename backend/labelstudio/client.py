@@ -1,0 +1,97 @@
+"""Which Label Studio a project lives in, and the few API calls the backend makes to it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import requests
+
+from backend.labelstudio.auth import LabelStudioAuth
+from backend.labelstudio.tasks import project_id
+
+log = logging.getLogger(__name__)
+SYNC_INTERVAL_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class SetupInfo:
+    """What Label Studio told us in POST /setup about a project."""
+
+    hostname: str | None
+    access_token: str | None
+
+
+class LabelStudioSites:
+    """Resolves a project's Label Studio URL and key.
+
+    ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY`` win when set; otherwise the
+    ``hostname`` and ``access_token`` Label Studio sent in ``/setup`` are used.
+    """
+
+    def __init__(self, url: str | None, api_key: str | None, session: requests.Session | None = None) -> None:
+        self._url = url
+        self._key = api_key
+        self._session = session or requests.Session()
+        self._setups: dict[str, SetupInfo] = {}
+        self._auths: dict[tuple[str, str | None], LabelStudioAuth] = {}
+        self._lock = threading.Lock()
+
+    def remember(self, project: str, info: SetupInfo) -> None:
+        with self._lock:
+            self._setups[project] = info
+
+    def for_project(self, project: str | None) -> LabelStudioAuth | None:
+        with self._lock:
+            info = self._setups.get(project or "") or SetupInfo(None, None)
+            base = self._url or info.hostname
+            if not base:
+                return None
+            key = self._key or info.access_token
+            cache_key = (base.rstrip("/"), key)
+            if cache_key not in self._auths:
+                self._auths[cache_key] = LabelStudioAuth(base, key, self._session)
+            return self._auths[cache_key]
+
+
+class ModelVersionSync:
+    """Makes each project's ``model_version`` equal ours, so "Prediction score" sorting works.
+
+    Label Studio averages ``prediction.score`` only over predictions whose model_version
+    equals the project's, and connecting a backend sets the project's to the backend's
+    title. Runs in the background (``/setup`` has a 3 s budget), at most every 30 s per project.
+    """
+
+    def __init__(self, sites: LabelStudioSites, enabled: bool = True) -> None:
+        self._sites = sites
+        self._enabled = enabled
+        self._last: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def request(self, project: str, model_version: str) -> threading.Thread | None:
+        pid = project_id(project)
+        site = self._sites.for_project(project)
+        if not self._enabled or pid is None or site is None or not site.has_key:
+            return None
+        with self._lock:
+            key = (project, model_version)
+            if time.monotonic() - self._last.get(key, -SYNC_INTERVAL_SECONDS) < SYNC_INTERVAL_SECONDS:
+                return None
+            self._last[key] = time.monotonic()
+        thread = threading.Thread(target=self._sync, args=(site, pid, model_version), daemon=True)
+        thread.start()
+        return thread
+
+    @staticmethod
+    def _sync(site: LabelStudioAuth, pid: int, model_version: str) -> None:
+        from label_studio_sdk import LabelStudio
+
+        try:
+            client = LabelStudio(base_url=site.base_url, api_key=site.api_key, timeout=10)
+            if client.projects.get(pid).model_version != model_version:
+                client.projects.update(id=pid, model_version=model_version)
+                log.info("set project %s model_version to %s", pid, model_version)
+        except Exception as exc:  # never let a sync failure touch a request
+            log.warning("could not set project %s model_version (%s)", pid, type(exc).__name__)

@@ -1,0 +1,132 @@
+"""Label Studio regions: percent (and rotated) boxes ⇄ pixel crops, and result JSON.
+
+Label Studio stores a rectangle as ``x, y, width, height`` in percent of the image
+as displayed, rotated by ``rotation`` degrees clockwise about its top-left corner.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+_BOX_TYPES = {"rectanglelabels", "rectangle"}
+
+
+class RegionError(ValueError):
+    """A box cannot be cropped; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Box:
+    id: str
+    from_name: str
+    to_name: str
+    x: float
+    y: float
+    width: float
+    height: float
+    rotation: float = 0.0
+    original_width: int | None = None
+    original_height: int | None = None
+    image_rotation: float = 0.0
+
+    def value(self) -> dict[str, float]:
+        return {"x": self.x, "y": self.y, "width": self.width, "height": self.height, "rotation": self.rotation}
+
+
+def box_from_region(region: dict[str, Any]) -> Box:
+    """Read a rectangle region of a result list; raise :class:`RegionError` if it is not a usable box."""
+    value = region.get("value") or {}
+    region_id = str(region.get("id") or "?")
+    try:
+        x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
+        rotation = float(value.get("rotation") or 0.0)
+    except (KeyError, TypeError, ValueError):
+        raise RegionError(f"box {region_id} has no numeric x/y/width/height") from None
+    if not all(math.isfinite(v) for v in (x, y, w, h, rotation)):
+        raise RegionError(f"box {region_id} has a non-finite coordinate")
+    if w <= 0 or h <= 0:
+        raise RegionError(f"box {region_id} has zero or negative size ({w:g}% x {h:g}%)")
+    return Box(
+        id=region_id,
+        from_name=str(region.get("from_name", "")),
+        to_name=str(region.get("to_name", "")),
+        x=x,
+        y=y,
+        width=w,
+        height=h,
+        rotation=rotation,
+        original_width=region.get("original_width"),
+        original_height=region.get("original_height"),
+        image_rotation=float(region.get("image_rotation") or 0.0),
+    )
+
+
+def rectangle_regions(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rectangle regions among a result list (other result types are skipped)."""
+    return [r for r in results if isinstance(r, dict) and r.get("type") in _BOX_TYPES]
+
+
+def pixel_corners(box: Box, image_width: int, image_height: int) -> list[tuple[float, float]]:
+    """The box's four corners in image pixels: top-left, top-right, bottom-right, bottom-left."""
+    x0, y0 = box.x / 100 * image_width, box.y / 100 * image_height
+    w, h = box.width / 100 * image_width, box.height / 100 * image_height
+    theta = math.radians(box.rotation)
+    cos, sin = math.cos(theta), math.sin(theta)
+    local = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
+    return [(x0 + u * cos - v * sin, y0 + u * sin + v * cos) for u, v in local]
+
+
+def crop_box(image: Image.Image, box: Box) -> Image.Image:
+    """The pixels inside ``box``, upright. Parts outside the image are clipped (unrotated) or black (rotated)."""
+    width, height = image.size
+    corners = pixel_corners(box, width, height)
+    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+    if max(xs) <= 0 or max(ys) <= 0 or min(xs) >= width or min(ys) >= height:
+        raise RegionError(f"box {box.id} lies outside the {width}x{height} image")
+    if box.rotation % 360 == 0:
+        left, top = max(0, round(min(xs))), max(0, round(min(ys)))
+        right, bottom = min(width, round(max(xs))), min(height, round(max(ys)))
+        right, bottom = max(right, left + 1), max(bottom, top + 1)
+        return image.crop((left, top, right, bottom))
+    out_w = max(1, round(box.width / 100 * width))
+    out_h = max(1, round(box.height / 100 * height))
+    theta = math.radians(box.rotation)
+    cos, sin = math.cos(theta), math.sin(theta)
+    (x0, y0) = corners[0]
+    # PIL maps each output pixel (u, v) to input (a*u + b*v + c, d*u + e*v + f).
+    return image.transform(
+        (out_w, out_h), Image.Transform.AFFINE, (cos, -sin, x0, sin, cos, y0), Image.Resampling.BILINEAR
+    )
+
+
+def box_label_result(box: Box, control: str, to_name: str, result_type: str, label: str, score: float) -> dict:
+    """A prediction region that labels the user's box, keeping its id so the label attaches to it."""
+    region: dict[str, Any] = {
+        "id": box.id,
+        "from_name": control,
+        "to_name": to_name,
+        "type": result_type,
+        "value": {**box.value(), result_type: [label]},
+        "score": score,
+        "image_rotation": box.image_rotation,
+    }
+    if box.original_width and box.original_height:
+        region["original_width"] = box.original_width
+        region["original_height"] = box.original_height
+    return region
+
+
+def choices_result(region_id: str, control: str, to_name: str, labels: list[str], score: float) -> dict:
+    return {
+        "id": region_id,
+        "from_name": control,
+        "to_name": to_name,
+        "type": "choices",
+        "value": {"choices": labels},
+        "score": score,
+    }

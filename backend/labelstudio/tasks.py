@@ -1,0 +1,33 @@
+"""Where the boxes a person drew arrive in a /predict request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backend.labelstudio.regions import rectangle_regions
+
+
+def user_boxes(task: dict[str, Any], context: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The rectangle regions to label for this task.
+
+    Interactive requests carry the box the user just drew in ``context["result"]``: only
+    those are labelled. Otherwise the boxes of the most recently updated draft or
+    submitted (not cancelled) annotation are labelled — one person's set of boxes,
+    so two annotators' copies of the same object do not become two predictions.
+    """
+    if context and isinstance(context.get("result"), list) and context["result"]:
+        return rectangle_regions(context["result"])
+    sources = [d for d in task.get("drafts") or [] if isinstance(d, dict)]
+    sources += [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+    sources.sort(key=lambda s: str(s.get("updated_at") or s.get("created_at") or ""), reverse=True)
+    for source in sources:
+        boxes = rectangle_regions(source.get("result") or [])
+        if boxes:
+            return boxes
+    return []
+
+
+def project_id(project: object) -> int | None:
+    """Label Studio sends the project as "<id>.<created_at epoch>"."""
+    head = str(project or "").split(".", 1)[0]
+    return int(head) if head.isdigit() else None

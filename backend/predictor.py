@@ -1,0 +1,245 @@
+"""Label Studio tasks → predictions: images and crops in, batched model questions, result JSON out.
+
+One broken task never sinks the others: whatever fails (image, box, model) becomes
+an error entry for that task alone, which Label Studio logs and does not store, so
+the task is predicted again on the next retrieval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+
+from PIL import Image
+
+from backend.annotate.boxes import label_crops
+from backend.annotate.choice import Choice
+from backend.annotate.tagging import Tags, classify_images, tag_images
+from backend.labelstudio.auth import LabelStudioAuth
+from backend.labelstudio.client import LabelStudioSites
+from backend.labelstudio.config import BoxLabelTarget, ImageChoiceTarget, ImageField, ProjectSpec, parse_label_config
+from backend.labelstudio.media import ImageLoader, MediaError
+from backend.labelstudio.regions import Box, RegionError, box_from_region, box_label_result, choices_result, crop_box
+from backend.labelstudio.tasks import user_boxes
+from backend.metrics import Metrics
+from backend.models.engine import Engine
+from backend.models.slot import EngineSlot
+from backend.prompts import PromptBook
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+SCORING = "logprob-sum-v1"  # bump when the way answers are scored changes
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class _Outcome:
+    task_id: Any
+    results: list[dict] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    def fail(self, reason: str) -> None:
+        self.error = self.error or reason
+
+    def add(self, region: dict | None, score: float) -> None:
+        if region is not None:
+            self.results.append(region)
+        self.scores.append(score)
+
+    def prediction(self, model_version: str) -> dict | list:
+        if self.error:
+            return {"model_version": model_version, "error": f"task {self.task_id}: {self.error}"}
+        if not self.scores:
+            return []  # nothing to annotate yet: store nothing, so a later retrieval tries again
+        # Task score = the least confident region's score: ascending order puts suspicious tasks first.
+        return {"model_version": model_version, "score": min(self.scores), "result": self.results}
+
+
+@dataclass(frozen=True)
+class _BoxJob:
+    task: int
+    target: BoxLabelTarget
+    box: Box
+    crop: Image.Image
+
+
+@dataclass(frozen=True)
+class _ImageJob:
+    task: int
+    target: ImageChoiceTarget
+    image: Image.Image
+
+
+def run_isolated(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R | Exception]:
+    """``fn`` over all items at once; if that fails, item by item so only the bad ones fail."""
+    if not items:
+        return []
+    try:
+        return list(fn(items))
+    except Exception as exc:
+        if len(items) == 1:
+            return [exc]
+        log.warning("batch of %d failed (%s); retrying one by one", len(items), type(exc).__name__)
+    results: list[R | Exception] = []
+    for item in items:
+        try:
+            results.extend(fn([item]))
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+class Predictor:
+    def __init__(
+        self,
+        settings: Settings,
+        slot: EngineSlot,
+        loader: ImageLoader,
+        prompts: PromptBook,
+        sites: LabelStudioSites,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.slot = slot
+        self.loader = loader
+        self.prompts = prompts
+        self.sites = sites
+        self.metrics = metrics
+
+    def model_version(self) -> str:
+        """One stable string for (model, prompts, scoring): stamped on every prediction."""
+        if self.settings.model_version:
+            return self.settings.model_version
+        digest = hashlib.sha256(
+            "\0".join(
+                [self.settings.mllm_model, self.prompts.fingerprint(), SCORING, f"{self.settings.tag_threshold:g}"]
+            ).encode()
+        ).hexdigest()[:10]
+        name = self.settings.mllm_model.rstrip("/").split("/")[-1] or "model"
+        return f"{name}-{digest}"
+
+    def predict(
+        self, tasks: list[dict], label_config: str, project: str | None, context: dict | None
+    ) -> list[dict | list]:
+        spec = parse_label_config(label_config)
+        engine = self.slot.get(self.settings.predict_wait_seconds)
+        site = self.sites.for_project(project)
+        outcomes = [_Outcome(task.get("id") if isinstance(task, dict) else None) for task in tasks]
+        box_jobs: list[_BoxJob] = []
+        image_jobs: list[_ImageJob] = []
+        for index, task in enumerate(tasks):
+            try:
+                boxes, images = self._prepare(index, task, spec, site, context)
+            except (MediaError, RegionError, KeyError, TypeError) as exc:
+                outcomes[index].fail(_describe(exc))
+                self.metrics.task_errors.labels(reason=_reason(exc)).inc()
+                continue
+            box_jobs += boxes
+            image_jobs += images
+        started = time.perf_counter()
+        self._label_boxes(engine, box_jobs, outcomes)
+        self._choose_for_images(engine, image_jobs, outcomes)
+        self.metrics.model_seconds.observe(time.perf_counter() - started)
+        version = self.model_version()
+        predictions = [outcome.prediction(version) for outcome in outcomes]
+        self.metrics.predictions.inc(sum(1 for p in predictions if isinstance(p, dict) and "result" in p))
+        return predictions
+
+    # --- images and crops -----------------------------------------------------------
+
+    def _prepare(
+        self, index: int, task: dict, spec: ProjectSpec, site: LabelStudioAuth | None, context: dict | None
+    ) -> tuple[list[_BoxJob], list[_ImageJob]]:
+        if not isinstance(task, dict):
+            raise TypeError("the task is not a JSON object")
+        loaded: dict[str, Image.Image] = {}
+
+        def image(field_: ImageField) -> Image.Image:
+            if field_.name not in loaded:
+                loaded[field_.name] = self.loader.load(field_.url(task), site, task.get("id"))
+            return loaded[field_.name]
+
+        box_jobs = []
+        for region in user_boxes(task, context):
+            box = box_from_region(region)
+            for target in spec.boxes:
+                if box.from_name in target.box_controls and box.to_name == target.image.name:
+                    box_jobs.append(_BoxJob(index, target, box, crop_box(image(target.image), box)))
+        interactive = bool(context and context.get("result"))
+        image_jobs = [] if interactive else [_ImageJob(index, t, image(t.image)) for t in spec.choices]
+        return box_jobs, image_jobs
+
+    # --- model questions ----------------------------------------------------------------
+
+    def _label_boxes(self, engine: Engine, jobs: list[_BoxJob], outcomes: list[_Outcome]) -> None:
+        for target, group in _group(jobs, lambda job: job.target).items():
+            ask = partial(self._label_crops, engine, target)
+            for job, answer in zip(group, run_isolated(ask, [job.crop for job in group]), strict=True):
+                if isinstance(answer, Exception):
+                    self._model_failed(outcomes[job.task], answer)
+                    continue
+                region = box_label_result(
+                    job.box, target.control, target.image.name, target.result_type, answer.label, answer.probability
+                )
+                outcomes[job.task].add(region, answer.probability)
+                self.metrics.regions.labels(kind="box").inc()
+
+    def _label_crops(self, engine: Engine, target: BoxLabelTarget, crops: list[Image.Image]) -> list[Choice]:
+        return label_crops(engine, self.prompts, crops, target.labels)
+
+    def _choose_for_images(self, engine: Engine, jobs: list[_ImageJob], outcomes: list[_Outcome]) -> None:
+        for target, group in _group(jobs, lambda job: job.target).items():
+            ask = partial(self._answer_images, engine, target)
+            for job, answer in zip(group, run_isolated(ask, [job.image for job in group]), strict=True):
+                if isinstance(answer, Exception):
+                    self._model_failed(outcomes[job.task], answer)
+                    continue
+                labels, score = (
+                    (list(answer.labels), answer.confidence)
+                    if isinstance(answer, Tags)
+                    else ([answer.label], answer.probability)
+                )
+                # A multiple-choice control with no tag kept still has a score: "none of these" was predicted.
+                region = choices_result(target.control, target.control, target.image.name, labels, score)
+                outcomes[job.task].add(region if labels else None, score)
+                self.metrics.regions.labels(kind="image").inc()
+
+    def _answer_images(
+        self, engine: Engine, target: ImageChoiceTarget, images: list[Image.Image]
+    ) -> list[Choice] | list[Tags]:
+        if target.multiple:
+            return tag_images(engine, self.prompts, images, target.labels, self.settings.tag_threshold)
+        return classify_images(engine, self.prompts, images, target.labels)
+
+    def _model_failed(self, outcome: _Outcome, exc: Exception) -> None:
+        log.warning("model failed on task %s: %s", outcome.task_id, _describe(exc))
+        outcome.fail(f"the model could not answer ({_describe(exc)})")
+        self.metrics.task_errors.labels(reason="model").inc()
+
+
+def _group(items: Sequence[T], key: Callable[[T], Any]) -> dict[Any, list[T]]:
+    groups: dict[Any, list[T]] = defaultdict(list)
+    for item in items:
+        groups[key(item)].append(item)
+    return groups
+
+
+def _describe(exc: Exception) -> str:
+    return exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc) or type(exc).__name__
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, MediaError):
+        return "media"
+    if isinstance(exc, RegionError):
+        return "region"
+    return "data"

@@ -1,0 +1,163 @@
+"""Every environment variable the backend reads, validated once at start.
+
+A wrong value raises :class:`SettingsError` naming the variable and the fix, so
+``mllm-backend serve`` fails at start instead of at the first request.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+PACKAGE_PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or wrong; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    mllm_model: str
+    mllm_device: str = "auto"
+    mllm_batch_size: int = 16
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = field(default=None, repr=False)
+    model_dir: Path = Path("model_dir")
+    prompts_dir: Path = PACKAGE_PROMPTS
+    model_version: str | None = None
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = field(default=None, repr=False)
+    allowed_media_hosts: tuple[str, ...] = ()
+    media_max_bytes: int = 50 * 1024 * 1024
+    media_max_pixels: int = 64_000_000
+    media_timeout: float = 15.0
+    media_cache_bytes: int = 256 * 1024 * 1024
+    predict_wait_seconds: float = 60.0
+    sync_project_model_version: bool = True
+    tag_threshold: float = 0.5
+    log_level: str = "INFO"
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        if self.basic_auth_user is None or self.basic_auth_pass is None:
+            return None
+        return self.basic_auth_user, self.basic_auth_pass
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        return _Reader(os.environ if env is None else env).settings()
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = {k: v for k, v in env.items() if v.strip() != ""}
+
+    def text(self, name: str) -> str | None:
+        value = self.env.get(name)
+        return value.strip() if value is not None else None
+
+    def integer(self, name: str, default: int, minimum: int) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not a whole number; set it to an integer ≥ {minimum}") from None
+        if value < minimum:
+            raise SettingsError(f"{name}={value} is too small; set it to an integer ≥ {minimum}")
+        return value
+
+    def number(self, name: str, default: float, minimum: float, maximum: float | None = None) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not a number; set it to a number ≥ {minimum}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"≥ {minimum}"
+            raise SettingsError(f"{name}={value} is out of range; set it to a number {bound}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        lowered = raw.lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise SettingsError(f"{name}={raw!r} is not a boolean; set it to true or false")
+
+    def url(self, name: str) -> str | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
+        parts = urlsplit(raw)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise SettingsError(
+                f"{name}={raw!r} is not an http(s) URL; set it to Label Studio's address, e.g. http://localhost:8080"
+            )
+        return raw.rstrip("/")
+
+    def settings(self) -> Settings:
+        model = self.text("MLLM_MODEL")
+        if model is None:
+            raise SettingsError(
+                "MLLM_MODEL is not set; set it to a Hugging Face hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct) "
+                "or a local checkpoint path. Offline, build one with `mllm-backend tiny-model ./models/tiny` "
+                "and set MLLM_MODEL=./models/tiny"
+            )
+        device = (self.text("MLLM_DEVICE") or "auto").lower()
+        if not _DEVICE.match(device):
+            raise SettingsError(f"MLLM_DEVICE={device!r} is not a device; set it to auto, cpu, cuda, cuda:N or mps")
+        user, password = self.text("BASIC_AUTH_USER"), self.text("BASIC_AUTH_PASS")
+        if (user is None) != (password is None):
+            raise SettingsError(
+                "BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together; set both, or neither to disable basic auth"
+            )
+        prompts_dir = Path(self.text("PROMPTS_DIR") or PACKAGE_PROMPTS)
+        if not prompts_dir.is_dir():
+            raise SettingsError(
+                f"PROMPTS_DIR={str(prompts_dir)!r} is not a directory; set it to the repository's prompts/ folder"
+            )
+        hosts = tuple(h.strip().lower() for h in (self.text("ALLOWED_MEDIA_HOSTS") or "").split(",") if h.strip())
+        for host in hosts:
+            if "/" in host or "@" in host:
+                raise SettingsError(
+                    f"ALLOWED_MEDIA_HOSTS entry {host!r} is not a host; "
+                    "set it to hosts as host or host:port, comma-separated"
+                )
+        log_level = (self.text("LOG_LEVEL") or "INFO").upper()
+        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise SettingsError(f"LOG_LEVEL={log_level!r} is not a level; set it to DEBUG, INFO, WARNING or ERROR")
+        return Settings(
+            mllm_model=model,
+            mllm_device=device,
+            mllm_batch_size=self.integer("MLLM_BATCH_SIZE", 16, 1),
+            label_studio_url=self.url("LABEL_STUDIO_URL"),
+            label_studio_api_key=self.text("LABEL_STUDIO_API_KEY"),
+            model_dir=Path(self.text("MODEL_DIR") or "model_dir"),
+            prompts_dir=prompts_dir,
+            model_version=self.text("MODEL_VERSION"),
+            basic_auth_user=user,
+            basic_auth_pass=password,
+            allowed_media_hosts=hosts,
+            media_max_bytes=self.integer("MEDIA_MAX_BYTES", 50 * 1024 * 1024, 1024),
+            media_max_pixels=self.integer("MEDIA_MAX_PIXELS", 64_000_000, 1),
+            media_timeout=self.number("MEDIA_TIMEOUT", 15.0, 0.1),
+            media_cache_bytes=self.integer("MEDIA_CACHE_BYTES", 256 * 1024 * 1024, 0),
+            predict_wait_seconds=self.number("PREDICT_WAIT_SECONDS", 60.0, 0.0),
+            sync_project_model_version=self.flag("SYNC_PROJECT_MODEL_VERSION", True),
+            tag_threshold=self.number("TAG_THRESHOLD", 0.5, 0.0, 1.0),
+            log_level=log_level,
+        )
