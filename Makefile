@@ -6,7 +6,7 @@ TINY   ?= models/tiny-llava
 HOST   ?= 127.0.0.1
 PORT   ?= 9090
 
-.PHONY: install serve test lint tiny-model clean
+.PHONY: install serve test lint tiny-model bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ lint: install
 
 test: install lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# Engine figures on the tiny checkpoint, as JSON (bench-results/engine.json).
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/mllm-backend bench --out bench-results/engine.json
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .ruff_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from backend.settings import Settings, SettingsError
 
@@ -72,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("--arch", choices=["llava", "idefics3"], default="llava", help="architecture (default llava)")
     tiny.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
 
+    bench = commands.add_parser("bench", help="measure the engine on a tiny offline checkpoint; prints JSON")
+    bench.add_argument("--out", type=Path, default=Path("bench-results/engine.json"), help="JSON file to write")
+    bench.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median is kept)")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.host, args.port, args.threads)
@@ -81,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         out = build_tiny_checkpoint(args.dir, args.arch, args.seed)
         print(f"wrote a tiny random {args.arch} checkpoint to {out} (random weights: its labels are random)")
         print(f"serve it with: MLLM_MODEL={out} mllm-backend serve")
+    elif args.command == "bench":
+        from backend.bench import main as bench_main
+
+        bench_main(args.out, args.repeats)
 
 
 if __name__ == "__main__":

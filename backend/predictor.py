@@ -28,13 +28,13 @@ from backend.labelstudio.media import ImageLoader, MediaError
 from backend.labelstudio.regions import Box, RegionError, box_from_region, box_label_result, choices_result, crop_box
 from backend.labelstudio.tasks import user_boxes
 from backend.metrics import Metrics
-from backend.models.engine import Engine
+from backend.models.engine import Engine, EngineUnavailable
 from backend.models.slot import EngineSlot
 from backend.prompts import PromptBook
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
-SCORING = "logprob-sum-v1"  # bump when the way answers are scored changes
+SCORING = "options-v2"  # bump when the way answers are scored changes
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -85,6 +85,8 @@ def run_isolated(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R | E
         return []
     try:
         return list(fn(items))
+    except EngineUnavailable as exc:  # the provider is down: every item would fail the same way
+        return [exc] * len(items)
     except Exception as exc:
         if len(items) == 1:
             return [exc]
@@ -121,7 +123,15 @@ class Predictor:
             return self.settings.model_version
         digest = hashlib.sha256(
             "\0".join(
-                [self.settings.mllm_model, self.prompts.fingerprint(), SCORING, f"{self.settings.tag_threshold:g}"]
+                [
+                    self.settings.mllm_provider,
+                    self.settings.mllm_model,
+                    self.settings.mllm_quantization,
+                    self.settings.mllm_option_scoring,
+                    self.prompts.fingerprint(),
+                    SCORING,
+                    f"{self.settings.tag_threshold:g}",
+                ]
             ).encode()
         ).hexdigest()[:10]
         name = self.settings.mllm_model.rstrip("/").split("/")[-1] or "model"

@@ -25,21 +25,45 @@ class Service:
     metrics: Metrics
 
 
-def local_engine_factory(settings: Settings) -> Callable[[], Engine]:
-    def load() -> Engine:
+def engine_factory(settings: Settings) -> Callable[[], Engine]:
+    """How to build the configured provider's engine (called once, in the background)."""
+
+    def load_local() -> Engine:
         from backend.models.local import TransformersEngine  # torch import is slow: only in the loader
 
-        return TransformersEngine(settings.mllm_model, settings.mllm_device, settings.mllm_batch_size)
+        return TransformersEngine(
+            settings.mllm_model,
+            settings.mllm_device,
+            batch_size=settings.mllm_batch_size,
+            quantization=settings.mllm_quantization,  # type: ignore[arg-type]
+            option_scoring=settings.mllm_option_scoring,  # type: ignore[arg-type]
+            prefix_cache=settings.mllm_prefix_cache,
+            option_batch_size=settings.mllm_option_batch_size,
+        )
 
-    return load
+    def load_remote() -> Engine:
+        from backend.models.remote import OpenAIEngine
+
+        assert settings.openai_base_url is not None  # Settings guarantees it for this provider
+        return OpenAIEngine(
+            settings.openai_base_url,
+            settings.mllm_model,
+            api_key=settings.openai_api_key,
+            timeout=settings.openai_timeout,
+            max_retries=settings.openai_max_retries,
+            concurrency=settings.openai_concurrency,
+            samples=settings.openai_samples,
+        )
+
+    return load_remote if settings.mllm_provider == "openai" else load_local
 
 
-def build_service(settings: Settings, engine_factory: Callable[[], Engine] | None = None) -> Service:
+def build_service(settings: Settings, factory: Callable[[], Engine] | None = None) -> Service:
     prompts = PromptBook(settings.prompts_dir)
     prompts.check()
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
-    slot = EngineSlot(engine_factory or local_engine_factory(settings), settings.mllm_model)
+    slot = EngineSlot(factory or engine_factory(settings), settings.mllm_model)
     sites = LabelStudioSites(settings.label_studio_url, settings.label_studio_api_key)
     limits = MediaLimits(
         max_bytes=settings.media_max_bytes,

@@ -21,11 +21,27 @@ class SettingsError(ValueError):
     """A configuration value is missing or wrong; the message says which and how to fix it."""
 
 
+PROVIDERS = ("transformers", "openai")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+OPTION_SCORINGS = ("mean", "sum")
+
+
 @dataclass(frozen=True)
 class Settings:
     mllm_model: str
+    mllm_provider: str = "transformers"
     mllm_device: str = "auto"
     mllm_batch_size: int = 16
+    mllm_option_batch_size: int = 256
+    mllm_quantization: str = "none"
+    mllm_option_scoring: str = "mean"
+    mllm_prefix_cache: bool = True
+    openai_base_url: str | None = None
+    openai_api_key: str | None = field(default=None, repr=False)
+    openai_timeout: float = 60.0
+    openai_max_retries: int = 3
+    openai_concurrency: int = 8
+    openai_samples: int = 5
     label_studio_url: str | None = None
     label_studio_api_key: str | None = field(default=None, repr=False)
     model_dir: Path = Path("model_dir")
@@ -87,6 +103,12 @@ class _Reader:
             raise SettingsError(f"{name}={value} is out of range; set it to a number {bound}")
         return value
 
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = (self.text(name) or default).lower()
+        if value not in allowed:
+            raise SettingsError(f"{name}={value!r} is not supported; set it to one of {', '.join(allowed)}")
+        return value
+
     def flag(self, name: str, default: bool) -> bool:
         raw = self.text(name)
         if raw is None:
@@ -98,15 +120,13 @@ class _Reader:
             return False
         raise SettingsError(f"{name}={raw!r} is not a boolean; set it to true or false")
 
-    def url(self, name: str) -> str | None:
+    def url(self, name: str, example: str) -> str | None:
         raw = self.text(name)
         if raw is None:
             return None
         parts = urlsplit(raw)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise SettingsError(
-                f"{name}={raw!r} is not an http(s) URL; set it to Label Studio's address, e.g. http://localhost:8080"
-            )
+            raise SettingsError(f"{name}={raw!r} is not an http(s) URL; set it to an address like {example}")
         return raw.rstrip("/")
 
     def settings(self) -> Settings:
@@ -116,6 +136,13 @@ class _Reader:
                 "MLLM_MODEL is not set; set it to a Hugging Face hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct) "
                 "or a local checkpoint path. Offline, build one with `mllm-backend tiny-model ./models/tiny` "
                 "and set MLLM_MODEL=./models/tiny"
+            )
+        provider = self.choice("MLLM_PROVIDER", "transformers", PROVIDERS)
+        openai_url = self.url("OPENAI_BASE_URL", example="http://localhost:8000/v1")
+        if provider == "openai" and openai_url is None:
+            raise SettingsError(
+                "MLLM_PROVIDER=openai needs OPENAI_BASE_URL; set it to the server's /v1 address, "
+                "e.g. http://localhost:8000/v1 (vLLM) or http://localhost:11434/v1 (Ollama)"
             )
         device = (self.text("MLLM_DEVICE") or "auto").lower()
         if not _DEVICE.match(device):
@@ -142,9 +169,20 @@ class _Reader:
             raise SettingsError(f"LOG_LEVEL={log_level!r} is not a level; set it to DEBUG, INFO, WARNING or ERROR")
         return Settings(
             mllm_model=model,
+            mllm_provider=provider,
             mllm_device=device,
             mllm_batch_size=self.integer("MLLM_BATCH_SIZE", 16, 1),
-            label_studio_url=self.url("LABEL_STUDIO_URL"),
+            mllm_option_batch_size=self.integer("MLLM_OPTION_BATCH_SIZE", 256, 1),
+            mllm_quantization=self.choice("MLLM_QUANTIZATION", "none", QUANTIZATIONS),
+            mllm_option_scoring=self.choice("MLLM_OPTION_SCORING", "mean", OPTION_SCORINGS),
+            mllm_prefix_cache=self.flag("MLLM_PREFIX_CACHE", True),
+            openai_base_url=openai_url,
+            openai_api_key=self.text("OPENAI_API_KEY"),
+            openai_timeout=self.number("OPENAI_TIMEOUT", 60.0, 0.1),
+            openai_max_retries=self.integer("OPENAI_MAX_RETRIES", 3, 0),
+            openai_concurrency=self.integer("OPENAI_CONCURRENCY", 8, 1),
+            openai_samples=self.integer("OPENAI_SAMPLES", 5, 1),
+            label_studio_url=self.url("LABEL_STUDIO_URL", example="http://localhost:8080"),
             label_studio_api_key=self.text("LABEL_STUDIO_API_KEY"),
             model_dir=Path(self.text("MODEL_DIR") or "model_dir"),
             prompts_dir=prompts_dir,

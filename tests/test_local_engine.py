@@ -13,11 +13,17 @@ from backend.prompts import PromptBook
 from backend.settings import PACKAGE_PROMPTS
 from tests.conftest import noise_image
 
-LABELS = ["Cat", "Dog", "Other, misc", "Dachshund (Dog)", "猫"]
+LABELS = ["Cat", "Dog", "Other, misc", "Dachshund (Dog)", "猫", "traffic light"]
+PROMPT = "Which label?"
+
+
+def images(count: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [noise_image(int(w), int(h), seed + i) for i, (w, h) in enumerate(rng.integers(8, 80, size=(count, 2)))]
 
 
 def _reference_logprob(engine: TransformersEngine, image, prompt: str, option: str) -> float:
-    """Independent check: render the whole conversation, one plain forward, sum the answer's log-probs."""
+    """Independent check: the whole conversation in one plain forward, summing the answer's log-probs."""
     prefix = engine.chat_prefix(prompt)
     answer = list(engine._answer_ids(prompt, option))
     encoded = engine.processor(images=[image], text=[prefix], return_tensors="pt")
@@ -28,6 +34,12 @@ def _reference_logprob(engine: TransformersEngine, image, prompt: str, option: s
     logprobs = logits.float().log_softmax(-1)
     start = encoded["input_ids"].shape[1]
     return float(sum(logprobs[start - 1 + i, token] for i, token in enumerate(answer)))
+
+
+@pytest.fixture(scope="module", params=["llava", "idefics3"])
+def summing_engine(request):
+    checkpoint = request.getfixturevalue(f"tiny_{request.param}")
+    return TransformersEngine(str(checkpoint), "cpu", batch_size=4, option_scoring="sum")
 
 
 def test_cli_tiny_model_loads_through_the_auto_classes(tmp_path):
@@ -41,42 +53,98 @@ def test_cli_tiny_model_loads_through_the_auto_classes(tmp_path):
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
 
 
-@pytest.mark.parametrize("arch", ["llava", "idefics3"])
-def test_scores_match_an_independent_forward_and_batching_changes_nothing(arch, request):
-    checkpoint = request.getfixturevalue(f"tiny_{arch}")
-    engine = TransformersEngine(str(checkpoint), "cpu", batch_size=4)
-    images = [noise_image(40, 30, 1), noise_image(17, 61, 2), noise_image(64, 64, 3)]
-    prompt = "Which label?"
-    batched = engine.score_options(images, prompt, LABELS)
-    assert batched.logprobs.shape == (3, len(LABELS))
-    np.testing.assert_allclose(batched.probabilities.sum(axis=1), 1.0, atol=1e-9)
-    for i, image in enumerate(images):
-        alone = engine.score_options([image], prompt, LABELS)
-        np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[i], atol=1e-4)
-    reference = _reference_logprob(engine, images[1], prompt, LABELS[2])
-    assert batched.logprobs[1, 2] == pytest.approx(reference, abs=1e-4)
-    engine.batch_size = 1
-    np.testing.assert_allclose(engine.score_options(images, prompt, LABELS).logprobs, batched.logprobs, atol=1e-4)
+@pytest.mark.parametrize("prefix_cache", [True, False], ids=["prefix-kv", "per-pair"])
+def test_scores_equal_an_independent_forward(summing_engine, prefix_cache):
+    summing_engine.prefix_cache = prefix_cache
+    batch = images(3)
+    scores = summing_engine.score_options(batch, PROMPT, LABELS)
+    assert scores.logprobs.shape == (3, len(LABELS))
+    np.testing.assert_allclose(scores.probabilities.sum(axis=1), 1.0, atol=1e-9)
+    for i, j in [(0, 0), (1, 2), (2, 3)]:
+        assert scores.logprobs[i, j] == pytest.approx(
+            _reference_logprob(summing_engine, batch[i], PROMPT, LABELS[j]), abs=1e-4
+        )
+
+
+def test_prefix_kv_equals_per_pair_at_every_batch_size(summing_engine):
+    batch = images(7, seed=3)
+    summing_engine.prefix_cache, summing_engine.batch_size = False, 64
+    reference = summing_engine.score_options(batch, PROMPT, LABELS).logprobs
+    summing_engine.prefix_cache = True
+    for batch_size, option_batch in [(1, 1), (3, 5), (4, 256), (16, 7)]:
+        summing_engine.batch_size, summing_engine.option_batch_size = batch_size, option_batch
+        np.testing.assert_allclose(summing_engine.score_options(batch, PROMPT, LABELS).logprobs, reference, atol=1e-4)
+
+
+def test_a_batch_of_crops_equals_each_crop_alone(summing_engine):
+    batch = images(5, seed=9)
+    together = summing_engine.score_options(batch, PROMPT, LABELS).logprobs
+    alone = np.concatenate([summing_engine.score_options([crop], PROMPT, LABELS).logprobs for crop in batch])
+    np.testing.assert_allclose(alone, together, atol=1e-4)
+
+
+def test_prefix_kv_runs_the_prefix_once_per_image_chunk(llava_engine):
+    llava_engine.prefix_cache, llava_engine.batch_size = True, 8
+    llava_engine.forward_passes = 0
+    llava_engine.score_options(images(8), PROMPT, LABELS)
+    assert llava_engine.forward_passes == 2  # one prefix forward, one forward for every option row
+    llava_engine.prefix_cache = False
+    llava_engine.forward_passes = 0
+    llava_engine.score_options(images(8), PROMPT, LABELS)
+    assert llava_engine.forward_passes == 8 * len(LABELS) // 8
+    llava_engine.prefix_cache = True
 
 
 def test_answer_tokens_are_the_label_then_end_of_turn(llava_engine):
     tokenizer = llava_engine.tokenizer
     for label in LABELS:
-        ids = list(llava_engine._answer_ids("Which label?", label))
+        ids = list(llava_engine._answer_ids(PROMPT, label))
         assert ids[-1] == tokenizer.eos_token_id
         assert tokenizer.decode(ids[:-1]).strip() == label
 
 
-def test_three_crops_get_a_distribution_over_the_label_set(llava_engine):
-    prompts = PromptBook(PACKAGE_PROMPTS)
+def test_mean_scoring_gives_no_option_an_edge_for_its_length(tiny_llava):
+    options = ["cat", "cat cat cat cat cat cat", "traffic light"]
+    for method in ("mean", "sum"):
+        engine = TransformersEngine(str(tiny_llava), "cpu", option_scoring=method)
+        lengths = [len(engine._answer_ids(PROMPT, o)) for o in options]
+        assert len(set(lengths)) == 3
+        with torch.no_grad():  # a model with no preference: every token has probability 1 / vocabulary
+            engine.model.get_output_embeddings().weight.zero_()
+        probabilities = engine.score_options(images(2), PROMPT, options).probabilities
+        if method == "mean":
+            np.testing.assert_allclose(probabilities, 1 / 3, atol=1e-6)
+        else:  # the bias "mean" removes: the shortest answer wins on length alone
+            assert (probabilities.argmax(axis=1) == int(np.argmin(lengths))).all()
+
+
+def test_crops_get_a_distribution_over_the_label_set(llava_engine):
     crops = [noise_image(10, 12, 5), noise_image(30, 8, 6), noise_image(3, 3, 7)]
-    choices = label_crops(llava_engine, prompts, crops, LABELS)
+    choices = label_crops(llava_engine, PromptBook(PACKAGE_PROMPTS), crops, LABELS)
     assert len(choices) == 3
     for choice in choices:
         assert choice.labels == tuple(LABELS)
         assert sum(choice.probabilities) == pytest.approx(1.0)
         assert choice.label == LABELS[int(np.argmax(choice.probabilities))]
-        assert choice.probability == max(choice.probabilities)
-    # random weights still give image-dependent scores, not a constant
-    logprobs = llava_engine.score_options(crops, "Which label?", LABELS).logprobs
-    assert np.ptp(logprobs[:, 0]) > 1e-3
+    logprobs = llava_engine.score_options(crops, PROMPT, LABELS).logprobs
+    assert np.ptp(logprobs[:, 0]) > 1e-3, "scores depend on the image"
+
+
+def test_generation_returns_text_with_per_token_logprobs(llava_engine):
+    generations = llava_engine.generate(images(2), "Describe the object.", max_new_tokens=5)
+    assert len(generations) == 2
+    for generation in generations:
+        assert isinstance(generation.text, str)
+        assert 1 <= len(generation.token_logprobs) <= 5
+        assert all(lp <= 0 for lp in generation.token_logprobs)
+        assert generation.logprob == pytest.approx(sum(generation.token_logprobs))
+
+
+@pytest.mark.parametrize("quantization, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_quantized_loading_swaps_in_bitsandbytes_layers_and_still_labels(tiny_llava, llava_engine, quantization, layer):
+    engine = TransformersEngine(str(tiny_llava), "cpu", quantization=quantization)
+    layers = {type(m).__name__ for name, m in engine.model.named_modules() if ".language_model." in f".{name}."}
+    assert layer in layers and "Linear" not in layers - {layer}
+    assert engine.model.get_memory_footprint() < llava_engine.model.get_memory_footprint()
+    choices = label_crops(engine, PromptBook(PACKAGE_PROMPTS), images(2), LABELS)
+    assert all(sum(c.probabilities) == pytest.approx(1.0) for c in choices)

@@ -27,6 +27,12 @@ def test_defaults_are_usable():
         ({**BASE, "TAG_THRESHOLD": "1.5"}, "TAG_THRESHOLD"),
         ({**BASE, "SYNC_PROJECT_MODEL_VERSION": "maybe"}, "SYNC_PROJECT_MODEL_VERSION"),
         ({**BASE, "LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+        ({**BASE, "MLLM_PROVIDER": "anthropic"}, "MLLM_PROVIDER"),
+        ({**BASE, "MLLM_PROVIDER": "openai"}, "OPENAI_BASE_URL"),
+        ({**BASE, "MLLM_PROVIDER": "openai", "OPENAI_BASE_URL": "vllm:8000"}, "OPENAI_BASE_URL"),
+        ({**BASE, "MLLM_QUANTIZATION": "3bit"}, "MLLM_QUANTIZATION"),
+        ({**BASE, "MLLM_OPTION_SCORING": "max"}, "MLLM_OPTION_SCORING"),
+        ({**BASE, "OPENAI_SAMPLES": "0"}, "OPENAI_SAMPLES"),
     ],
 )
 def test_a_wrong_value_names_the_variable_and_the_fix(env, variable):

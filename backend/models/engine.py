@@ -1,22 +1,34 @@
 """The one interface the annotation code uses to reach a multimodal model.
 
-Annotation code asks "how likely is each of these answers, for each image, after
-this prompt?" and never learns which provider answers it.
+Annotation code asks two things and never learns which provider answers:
+"how likely is each of these answers, for each image, after this prompt?"
+(:meth:`Engine.score_options`) and "what would you say?" (:meth:`Engine.generate`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 from PIL import Image
 
+OptionScoring = Literal["mean", "sum"]
+OPTION_SCORING: tuple[OptionScoring, ...] = ("mean", "sum")
+"""How an option's token log-probabilities become its score.
+
+- ``"mean"`` (default): the mean log-probability per answer token (end-of-turn token
+  included), i.e. the log of the geometric-mean token probability. An option does not
+  win or lose for having more tokens.
+- ``"sum"``: the summed log-probability, i.e. log P(whole answer). Exact, but every extra
+  token costs probability, so longer labels lose when the model is unsure.
+"""
+
 
 @dataclass(frozen=True)
 class OptionScores:
-    """Log-likelihood of each option as the model's whole answer, one row per image."""
+    """A score per option (higher = more likely), one row per image."""
 
     options: tuple[str, ...]
     logprobs: np.ndarray  # shape (n_images, n_options)
@@ -29,15 +41,44 @@ class OptionScores:
         return weights / weights.sum(axis=1, keepdims=True)
 
 
+@dataclass(frozen=True)
+class Generation:
+    """A free-text answer; ``token_logprobs`` is None when the provider does not return them."""
+
+    text: str
+    token_logprobs: tuple[float, ...] | None = None
+
+    @property
+    def logprob(self) -> float | None:
+        return float(sum(self.token_logprobs)) if self.token_logprobs is not None else None
+
+
 class Engine(Protocol):
-    """A loaded multimodal model."""
+    """A multimodal model behind some provider."""
 
     name: str
 
     def score_options(self, images: Sequence[Image.Image], prompt: str, options: Sequence[str]) -> OptionScores:
-        """Score every option as the answer to ``prompt`` about each image."""
+        """Score every option as the whole answer to ``prompt`` about each image."""
+        ...
+
+    def generate(self, images: Sequence[Image.Image], prompt: str, max_new_tokens: int = 32) -> list[Generation]:
+        """Answer ``prompt`` about each image in free text (greedy)."""
         ...
 
 
 class EngineError(RuntimeError):
-    """The model could not answer; the message says why."""
+    """The model could not answer for these inputs; the message says why."""
+
+
+class EngineUnavailable(EngineError):
+    """The provider itself is down or too slow: retrying item by item would not help."""
+
+
+def normalise(summed: np.ndarray, token_counts: Sequence[int], method: OptionScoring) -> np.ndarray:
+    """Turn summed option log-probabilities (n_images, n_options) into scores by ``method``."""
+    if method == "sum":
+        return summed
+    if method == "mean":
+        return summed / np.maximum(np.asarray(token_counts, dtype=np.float64), 1.0)[None, :]
+    raise ValueError(f"unknown option scoring {method!r}; choose one of {', '.join(OPTION_SCORING)}")

@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import threading
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from backend.models.engine import EngineError, OptionScores
+from backend.models.engine import EngineError, Generation, OptionScores, OptionScoring, normalise
 
 log = logging.getLogger(__name__)
+
+Quantization = Literal["none", "4bit", "8bit"]
+QUANTIZATIONS: tuple[Quantization, ...] = ("none", "4bit", "8bit")
+_TOKEN_KEYS = {"input_ids", "attention_mask"}
+# Vision encoders and projectors stay unquantized: quantizing them costs accuracy and saves little memory.
+_KEEP_UNQUANTIZED = [
+    ".*vision_tower",
+    ".*multi_modal_projector",
+    ".*vision_model",
+    ".*connector",
+    ".*visual",
+    "lm_head",
+]
 
 
 def resolve_device(requested: str) -> str:
@@ -40,6 +56,30 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
+def load_arguments(device: str, quantization: Quantization, requested_device: str) -> dict:
+    """``from_pretrained`` arguments: dtype, quantization, and where the weights go."""
+    dtype = default_dtype(device)
+    arguments: dict = {"dtype": dtype}
+    if quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        if quantization == "4bit":
+            config = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
+                llm_int8_skip_modules=_KEEP_UNQUANTIZED,
+            )
+        else:
+            config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_KEEP_UNQUANTIZED)
+        arguments["quantization_config"] = config
+        arguments["device_map"] = "auto" if requested_device == "auto" and device == "cuda" else {"": device}
+    elif requested_device == "auto" and device == "cuda" and torch.cuda.device_count() > 1:
+        arguments["device_map"] = "auto"  # spread a large model over every visible GPU
+    return arguments
+
+
 @dataclass
 class _Row:
     """One (image prompt, answer) pair to score."""
@@ -52,28 +92,95 @@ class _Row:
         return int(self.prompt["input_ids"].shape[1])
 
 
+def _collate(rows: Sequence[_Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (prompt + answer) rows into one batch; image tensors are concatenated."""
+    lengths = [row.prompt_length + len(row.answer) for row in rows]
+    width = max(lengths)
+    first = rows[0].prompt
+    token_keys = [k for k, v in first.items() if k not in _TOKEN_KEYS and v.shape == first["input_ids"].shape]
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    extra = {k: torch.zeros((len(rows), width), dtype=first[k].dtype) for k in token_keys}
+    for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+        input_ids[i, :length] = torch.cat([row.prompt["input_ids"][0], torch.tensor(row.answer, dtype=torch.long)])
+        attention[i, :length] = 1
+        for k in token_keys:
+            extra[k][i, : row.prompt_length] = row.prompt[k][0]
+    batch = {"input_ids": input_ids, "attention_mask": attention, **extra}
+    for key in first:
+        if key not in batch:
+            batch[key] = torch.cat([row.prompt[key] for row in rows], dim=0)
+    return batch
+
+
+def _split_rows(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]] | None:
+    """A batched processor output as one batch-1 dict per image (padding removed), or None if it won't split."""
+    mask = batch.get("attention_mask")
+    if mask is None or any(v.shape[0] != n for v in batch.values()):
+        return None  # e.g. Qwen concatenates every image's patches along dim 0
+    keep = [mask[i].bool() for i in range(n)]
+    rows = []
+    for i in range(n):
+        row = {}
+        for key, value in batch.items():
+            row[key] = value[i][keep[i]][None] if value.shape == mask.shape else value[i : i + 1]
+        rows.append(row)
+    return rows
+
+
+def _prefix_group(prompt: dict[str, torch.Tensor]) -> tuple:
+    """Prompts that can share one prefix forward: same length and image tensor shapes."""
+    return tuple((k, tuple(v.shape[1:])) for k, v in sorted(prompt.items()))
+
+
 class TransformersEngine:
     """Scores answers with a local ``AutoModelForImageTextToText``.
 
-    Each (image, option) pair becomes one row: the processor's image + prompt
-    tokens followed by the option's answer tokens (as the chat template renders an
-    assistant turn, end-of-turn token included). Rows are right-padded, so every
-    real token keeps its natural position; only the logits at answer positions are
-    computed.
+    An option's tokens are exactly what the chat template renders for an assistant turn
+    answering with it (end-of-turn token included). With ``prefix_cache`` (the default),
+    the image + prompt prefix runs once per image and its KV cache is shared by every
+    option; otherwise each (image, option) pair is one right-padded row.
+
+    ``batch_size`` bounds the images (or, without the cache, the pairs) in one forward;
+    ``option_batch_size`` bounds the short option rows that read a shared cache, each of
+    which holds a copy of its image's prefix cache.
     """
 
-    def __init__(self, model_id: str, device: str = "auto", batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        device: str = "auto",
+        batch_size: int = 16,
+        quantization: Quantization = "none",
+        option_scoring: OptionScoring = "mean",
+        prefix_cache: bool = True,
+        option_batch_size: int = 256,
+    ) -> None:
+        if quantization not in QUANTIZATIONS:
+            raise EngineError(f"MLLM_QUANTIZATION={quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
         self.name = Path(model_id.rstrip("/")).name or model_id
         self.model_id = model_id
         self.device = resolve_device(device)
         self.batch_size = batch_size
+        self.option_batch_size = option_batch_size
+        self.option_scoring = option_scoring
+        self.prefix_cache = prefix_cache
+        self.forward_passes = 0
         self.processor = AutoProcessor.from_pretrained(model_id)
         self.tokenizer = self.processor.tokenizer
-        self.model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=default_dtype(self.device))
-        self.model.to(self.device).eval()
+        arguments = load_arguments(self.device, quantization, device)
+        self.model = AutoModelForImageTextToText.from_pretrained(model_id, **arguments)
+        if "device_map" not in arguments:
+            self.model.to(self.device)
+        self.model.eval()
+        self._input_device = next(self.model.parameters()).device
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._lock = threading.Lock()
         self._answer_ids = lru_cache(maxsize=4096)(self._tokenize_answer)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     # --- prompt and answer tokens -------------------------------------------------
 
@@ -106,53 +213,32 @@ class TransformersEngine:
             raise EngineError(f"the model's processor rejected a {image.width}x{image.height} image: {exc}") from exc
         return dict(encoded)
 
-    # --- batched forward ----------------------------------------------------------
+    def _encode_prompts(self, images: Sequence[Image.Image], prefix: str) -> list[dict[str, torch.Tensor]]:
+        """One processor call for all images when its output splits by row; else one call per image."""
+        if len(images) > 1:
+            try:
+                batch = self.processor(
+                    images=list(images), text=[prefix] * len(images), return_tensors="pt", padding=True
+                )
+                rows = _split_rows(dict(batch), len(images))
+                if rows is not None:
+                    return rows
+            except Exception:  # fall through: one image at a time names the image it fails on
+                log.debug("batched processor call failed; encoding images one by one", exc_info=True)
+        return [self._encode_prompt(image, prefix) for image in images]
 
-    def _collate(self, rows: Sequence[_Row]) -> dict[str, torch.Tensor]:
-        lengths = [row.prompt_length + len(row.answer) for row in rows]
-        width = max(lengths)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        token_keys = [
-            k
-            for k, v in rows[0].prompt.items()
-            if k not in {"input_ids", "attention_mask"} and v.shape == rows[0].prompt["input_ids"].shape
-        ]
-        extra = {k: torch.zeros((len(rows), width), dtype=rows[0].prompt[k].dtype) for k in token_keys}
-        for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
-            ids = torch.cat([row.prompt["input_ids"][0], torch.tensor(row.answer, dtype=torch.long)])
-            input_ids[i, :length] = ids
-            attention[i, :length] = 1
-            for k in token_keys:
-                extra[k][i, : row.prompt_length] = row.prompt[k][0]
-        batch = {"input_ids": input_ids, "attention_mask": attention, **extra}
-        for key in rows[0].prompt:
-            if key not in batch:
-                batch[key] = torch.cat([row.prompt[key] for row in rows], dim=0)
-        return batch
-
-    def _forward_logprobs(self, rows: Sequence[_Row]) -> list[float]:
-        """Summed log-probability of each row's answer tokens."""
-        batch = self._collate(rows)
-        first = min(row.prompt_length for row in rows) - 1
-        last = max(row.prompt_length + len(row.answer) for row in rows) - 1
-        keep = torch.arange(first, last)
-        inputs = {
-            k: (v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device))
+    def _to_model(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dtype = self.model.dtype
+        return {
+            k: (v.to(self._input_device, dtype) if v.is_floating_point() else v.to(self._input_device))
             for k, v in batch.items()
         }
-        if self._keeps_logits:
-            logits = self.model(**inputs, logits_to_keep=keep.to(self.device), use_cache=False).logits
-        else:
-            logits = self.model(**inputs, use_cache=False).logits[:, first:last]
-        logprobs = logits.float().log_softmax(dim=-1).cpu()
-        totals = []
-        for i, row in enumerate(rows):
-            positions = torch.arange(row.prompt_length - 1, row.prompt_length - 1 + len(row.answer)) - first
-            tokens = torch.tensor(row.answer, dtype=torch.long)
-            totals.append(float(logprobs[i, positions, tokens].sum()))
-        return totals
+
+    def _forward(self, **inputs: object):
+        self.forward_passes += 1
+        return self.model(**inputs)
+
+    # --- scoring ------------------------------------------------------------------
 
     @torch.inference_mode()
     def score_options(self, images: Sequence[Image.Image], prompt: str, options: Sequence[str]) -> OptionScores:
@@ -160,11 +246,118 @@ class TransformersEngine:
             raise EngineError("no options to score")
         prefix = self.chat_prefix(prompt)
         answers = [list(self._answer_ids(prompt, option)) for option in options]
-        prompts = [self._encode_prompt(image, prefix) for image in images]
+        prompts = self._encode_prompts(images, prefix)
+        with self._lock:
+            summed = (
+                self._score_with_prefix_cache(prompts, answers)
+                if self.prefix_cache
+                else self._score_pairs(prompts, answers)
+            )
+        scores = normalise(summed, [len(a) for a in answers], self.option_scoring)
+        return OptionScores(options=tuple(options), logprobs=scores)
+
+    def _score_pairs(self, prompts: list[dict], answers: list[list[int]]) -> np.ndarray:
+        """One right-padded row per (image, option): the reference the cached path must match."""
         rows = [_Row(p, a) for p in prompts for a in answers]
         totals: list[float] = []
+        for start in range(0, len(rows), self.batch_size):
+            totals.extend(self._pair_logprobs(rows[start : start + self.batch_size]))
+        return np.asarray(totals, dtype=np.float64).reshape(len(prompts), len(answers))
+
+    def _pair_logprobs(self, rows: Sequence[_Row]) -> list[float]:
+        first = min(row.prompt_length for row in rows) - 1
+        last = max(row.prompt_length + len(row.answer) for row in rows) - 1
+        inputs = self._to_model(_collate(rows, self.pad_id))
+        if self._keeps_logits:
+            keep = torch.arange(first, last, device=self._input_device)
+            logits = self._forward(**inputs, logits_to_keep=keep, use_cache=False).logits
+        else:
+            logits = self._forward(**inputs, use_cache=False).logits[:, first:last]
+        logprobs = logits.float().log_softmax(dim=-1).cpu()
+        totals = []
+        for i, row in enumerate(rows):
+            positions = torch.arange(row.prompt_length - 1, row.prompt_length - 1 + len(row.answer)) - first
+            totals.append(float(logprobs[i, positions, torch.tensor(row.answer)].sum()))
+        return totals
+
+    def _score_with_prefix_cache(self, prompts: list[dict], answers: list[list[int]]) -> np.ndarray:
+        totals = np.empty((len(prompts), len(answers)), dtype=np.float64)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, prompt in enumerate(prompts):
+            groups[_prefix_group(prompt)].append(index)
+        for indices in groups.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                totals[chunk] = self._score_chunk([prompts[i] for i in chunk], answers)
+        return totals
+
+    def _score_chunk(self, prompts: list[dict], answers: list[list[int]]) -> np.ndarray:
+        """Equal-length prefixes in one forward; options then read the shared KV cache."""
+        inputs = self._to_model(_collate([_Row(p, []) for p in prompts], self.pad_id))
+        keep = {"logits_to_keep": 1} if self._keeps_logits else {}
+        output = self._forward(**inputs, use_cache=True, **keep)
+        first_token = output.logits[:, -1].float().log_softmax(dim=-1).cpu()  # predicts each answer's first token
+        cache = output.past_key_values
+        totals = np.stack([first_token[:, a[0]].numpy() for a in answers], axis=1).astype(np.float64)
+        # Options with more than one token continue from the cache; one-token options are done.
+        longer = [j for j, a in enumerate(answers) if len(a) > 1]
+        per_forward = max(1, self.option_batch_size // len(prompts))
+        for start in range(0, len(longer), per_forward):
+            group = longer[start : start + per_forward]
+            last = start + per_forward >= len(longer)
+            shared = cache if last else copy.deepcopy(cache)  # the last group may consume the cache itself
+            totals[:, group] += self._continue_options(shared, len(prompts), [answers[j] for j in group])
+        return totals
+
+    def _continue_options(self, shared, n_images: int, answers: list[list[int]]) -> np.ndarray:
+        """Log-prob of each answer's tokens after the first, for every image: shape (n_images, len(answers)).
+
+        ``shared`` (the prefix cache) is extended in place: pass a copy if it is needed again.
+        """
+        if len(answers) > 1:
+            shared.batch_repeat_interleave(len(answers))
+        width = max(len(a) for a in answers) - 1
+        inputs = torch.full((len(answers), width), self.pad_id, dtype=torch.long)
+        targets = torch.zeros((len(answers), width), dtype=torch.long)
+        real = torch.zeros((len(answers), width), dtype=torch.bool)
+        for j, answer in enumerate(answers):
+            inputs[j, : len(answer) - 1] = torch.tensor(answer[:-1])
+            targets[j, : len(answer) - 1] = torch.tensor(answer[1:])
+            real[j, : len(answer) - 1] = True
+        rows = inputs.repeat(n_images, 1)  # image-major rows, as batch_repeat_interleave orders the cache
+        # No attention mask: padding sits after each row's real tokens, which causal attention never lets
+        # them see, and positions continue from the cache length (Qwen adds its stored rope deltas).
+        logits = self._forward(input_ids=rows.to(self._input_device), past_key_values=shared, use_cache=True).logits
+        logprobs = logits.float().log_softmax(dim=-1).cpu()
+        picked = logprobs.gather(-1, targets.repeat(n_images, 1).unsqueeze(-1)).squeeze(-1)
+        picked = picked.masked_fill(~real.repeat(n_images, 1), 0.0)
+        return picked.sum(dim=1).reshape(n_images, len(answers)).double().numpy()
+
+    # --- free text ------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, images: Sequence[Image.Image], prompt: str, max_new_tokens: int = 32) -> list[Generation]:
+        prefix = self.chat_prefix(prompt)
+        results: list[Generation] = []
         with self._lock:
-            for start in range(0, len(rows), self.batch_size):
-                totals.extend(self._forward_logprobs(rows[start : start + self.batch_size]))
-        scores = np.asarray(totals, dtype=np.float64).reshape(len(images), len(options))
-        return OptionScores(options=tuple(options), logprobs=scores)
+            for image in images:  # one at a time: processors differ in how they batch images
+                inputs = self._to_model(self._encode_prompt(image, prefix))
+                self.forward_passes += 1
+                output = self.model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                    pad_token_id=self.pad_id,
+                )
+                results.append(self._decode(output, inputs["input_ids"].shape[1]))
+        return results
+
+    def _decode(self, output, prompt_length: int) -> Generation:
+        scores = self.model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)[0]
+        tokens = output.sequences[0, prompt_length:].tolist()
+        eos = self.tokenizer.eos_token_id
+        kept = tokens.index(eos) if eos in tokens else len(tokens)
+        text = self.tokenizer.decode(tokens[:kept], skip_special_tokens=True).strip()
+        return Generation(text, tuple(float(s) for s in scores[:kept].tolist()))

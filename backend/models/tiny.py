@@ -18,9 +18,20 @@ from transformers import PreTrainedTokenizerFast
 Arch = Literal["llava", "idefics3"]
 ARCHES: tuple[Arch, ...] = ("llava", "idefics3")
 
+COCO_CLASSES = (
+    "person bicycle car motorcycle airplane bus train truck boat traffic light fire hydrant stop sign parking meter "
+    "bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie suitcase frisbee "
+    "skis snowboard sports ball kite baseball bat baseball glove skateboard surfboard tennis racket bottle wine glass "
+    "cup fork knife spoon bowl banana apple sandwich orange broccoli carrot hot dog pizza donut cake chair couch "
+    "potted plant bed dining table toilet tv laptop mouse remote keyboard cell phone microwave oven toaster sink "
+    "refrigerator book clock vase scissors teddy bear hair drier toothbrush"
+)
+# Real tokenizers spell common label names in 1-3 tokens; a corpus with them keeps the tiny one comparable.
 _CORPUS = [
     "Which label best describes the object in the picture? Answer with one label.",
     "Cat Dog Bird Car Person Other Indoor Outdoor Blurry traffic light stop sign",
+    COCO_CLASSES,
+    COCO_CLASSES.title(),
     "Dachshund (Dog) Siamese (Cat) yes no correct wrong the a an of in on",
     "USER: ASSISTANT: User: Assistant: 0123456789 , . ? ! ( ) : ; - _ / é ü ñ 猫 犬",
 ]
@@ -56,7 +67,7 @@ def _train_tokenizer(special_tokens: list[str], eos: str, pad: str) -> PreTraine
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=1000,
         special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -80,6 +91,18 @@ def _text_config(vocab_size: int, pad_id: int, eos_id: int) -> dict:
     )
 
 
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+               patch_size=8)  # fmt: skip
+
+
+def _save(model_class: type, config: object, processor: object, out: Path, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = model_class(config)
+    _sharpen_lm_head(model, seed)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
 def _sharpen_lm_head(model: torch.nn.Module, seed: int) -> None:
     # With the default init every next-token log-prob is ~ -log V, so tests that compare
     # scores would assert almost nothing; a wider head makes label scores differ.
@@ -101,15 +124,7 @@ def _build_llava(out: Path, seed: int) -> None:
 
     tokenizer = _train_tokenizer(["<pad>", "</s>", "<image>"], eos="</s>", pad="<pad>")
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=32,
-    )
+    vision = CLIPVisionConfig(**_VISION, projection_dim=32)
     text = LlamaConfig(**_text_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id))
     config = LlavaConfig(
         vision_config=vision,
@@ -118,9 +133,6 @@ def _build_llava(out: Path, seed: int) -> None:
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    _sharpen_lm_head(model, seed)
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=32),
         tokenizer=tokenizer,
@@ -129,8 +141,7 @@ def _build_llava(out: Path, seed: int) -> None:
         num_additional_image_tokens=1,
         chat_template=_LLAVA_TEMPLATE,
     )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    _save(LlavaForConditionalGeneration, config, processor, out, seed)
 
 
 def _build_idefics3(out: Path, seed: int) -> None:
@@ -146,14 +157,7 @@ def _build_idefics3(out: Path, seed: int) -> None:
     specials = ["<pad>", "<end_of_utterance>", "<image>", "<fake_token_around_image>", "<global-img>"]
     tokenizer = _train_tokenizer(specials, eos="<end_of_utterance>", pad="<pad>")
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision = Idefics3VisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
+    vision = Idefics3VisionConfig(**_VISION)
     text = LlamaConfig(**_text_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id))
     config = Idefics3Config(
         vision_config=vision.to_dict(),
@@ -161,9 +165,6 @@ def _build_idefics3(out: Path, seed: int) -> None:
         image_token_id=image_id,
         scale_factor=2,
     )
-    torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config)
-    _sharpen_lm_head(model, seed)
     image_processor = Idefics3ImageProcessorPil(
         size={"longest_edge": 32},
         max_image_size={"longest_edge": 32},
@@ -176,8 +177,7 @@ def _build_idefics3(out: Path, seed: int) -> None:
         image_seq_len=4,
         chat_template=_IDEFICS3_TEMPLATE,
     )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    _save(Idefics3ForConditionalGeneration, config, processor, out, seed)
 
 
 def build_tiny_checkpoint(out_dir: str | Path, arch: Arch = "llava", seed: int = 0) -> Path:

@@ -1,0 +1,138 @@
+"""Engine benchmark on a tiny offline checkpoint: prefix-KV vs per-pair scoring, batched vs sequential.
+
+All figures come from one run on one machine, so their ratios are comparable. The tiny
+model has 16 image tokens and a 2-layer text model; real MLLMs have hundreds of image
+tokens per crop, which makes re-running the prefix (what the cache avoids) costlier still.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from backend.models.local import TransformersEngine
+from backend.models.tiny import build_tiny_checkpoint
+
+COCO_20 = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+]  # fmt: skip
+PROMPT = "Which label best describes the object in this image? Answer with one label."
+
+
+def _crops(count: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(16, 96, size=(count, 2))
+    return [Image.fromarray(rng.integers(0, 255, (int(h), int(w), 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def _median_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _measure(engine: TransformersEngine, run: Callable[[], object], repeats: int) -> dict[str, float]:
+    engine.forward_passes = 0
+    run()
+    passes = engine.forward_passes
+    return {"seconds": round(_median_seconds(run, repeats), 5), "forward_passes": passes}
+
+
+def _request_forward_passes(checkpoint: Path, engine: TransformersEngine) -> dict:
+    """Forward passes for one /predict: 4 tasks x 3 drawn boxes (7 labels) + a 3-label multiple-choice tag."""
+    import base64
+    import io
+
+    from backend.server import create_app
+    from backend.service import build_service
+    from backend.settings import Settings
+
+    config = (
+        '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+        + "".join(f'<Label value="{label}"/>' for label in COCO_20[:7])
+        + '</RectangleLabels><Choices name="tags" toName="image" choice="multiple"><Choice value="indoor"/>'
+        '<Choice value="outdoor"/><Choice value="blurry"/></Choices></View>'
+    )
+    tasks = []
+    for index, image in enumerate(_crops(4, seed=2)):
+        buffer = io.BytesIO()
+        image.resize((96, 64)).save(buffer, format="PNG")
+        boxes = [
+            {"id": f"b{k}", "from_name": "label", "to_name": "image", "type": "rectanglelabels",
+             "value": {"x": 5 + 30 * k, "y": 10, "width": 25, "height": 60, "rotation": 0, "rectanglelabels": []}}
+            for k in range(3)
+        ]  # fmt: skip
+        data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        tasks.append({"id": index, "data": {"image": data_url}, "annotations": [{"result": boxes}]})
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings.from_env({"MLLM_MODEL": str(checkpoint), "MODEL_DIR": tmp})
+        service = build_service(settings, lambda: engine)
+        client = create_app(service).test_client()
+        engine.forward_passes = 0
+        answer = client.post("/predict", json={"tasks": tasks, "label_config": config}).get_json()
+    if len(answer["results"]) != 4:
+        raise RuntimeError(f"the benchmark request failed: {answer}")
+    return {"tasks": 4, "boxes": 12, "box_labels": 7, "tag_labels": 3, "forward_passes": engine.forward_passes}
+
+
+def run_bench(repeats: int = 7, checkpoint: Path | None = None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = checkpoint or build_tiny_checkpoint(Path(tmp) / "tiny-llava", "llava")
+        engine = TransformersEngine(str(path), device="cpu", batch_size=16)
+        images_8, crops_32 = _crops(8), _crops(32, seed=1)
+
+        def score_8x20() -> object:
+            return engine.score_options(images_8, PROMPT, COCO_20)
+
+        engine.prefix_cache = False
+        per_pair = _measure(engine, score_8x20, repeats)
+        engine.prefix_cache = True
+        prefix_kv = _measure(engine, score_8x20, repeats)
+        batched = _measure(engine, lambda: engine.score_options(crops_32, PROMPT, COCO_20[:8]), repeats)
+        sequential = _measure(
+            engine, lambda: [engine.score_options([crop], PROMPT, COCO_20[:8]) for crop in crops_32], repeats
+        )
+        request = _request_forward_passes(path, engine)
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "model": "tiny random llava (mllm-backend tiny-model), CPU, float32, batch_size=16",
+        "scoring_8_images_x_20_options": {
+            "per_pair": per_pair,
+            "prefix_kv": prefix_kv,
+            "speedup": round(per_pair["seconds"] / prefix_kv["seconds"], 2),
+        },
+        "crops_32_x_8_options": {
+            "one_crop_at_a_time": sequential,
+            "batched": batched,
+            "speedup": round(sequential["seconds"] / batched["seconds"], 2),
+        },
+        "predict_request": request,
+    }
+
+
+def main(out: Path | None, repeats: int) -> dict:
+    report = run_bench(repeats)
+    text = json.dumps(report, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text)
+    return report
