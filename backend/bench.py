@@ -92,7 +92,7 @@ def _request_forward_passes(checkpoint: Path, engine: TransformersEngine) -> dic
 def run_bench(repeats: int = 7, checkpoint: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint or build_tiny_checkpoint(Path(tmp) / "tiny-llava", "llava")
-        engine = TransformersEngine(str(path), device="cpu", batch_size=16)
+        engine = TransformersEngine.load(str(path), device="cpu", batch_size=16)
         images_8, crops_32 = _crops(8), _crops(32, seed=1)
 
         def score_8x20() -> object:

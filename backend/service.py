@@ -31,11 +31,11 @@ def engine_factory(settings: Settings) -> Callable[[], Engine]:
     def load_local() -> Engine:
         from backend.models.local import TransformersEngine  # torch import is slow: only in the loader
 
-        return TransformersEngine(
+        return TransformersEngine.load(
             settings.mllm_model,
             settings.mllm_device,
-            batch_size=settings.mllm_batch_size,
             quantization=settings.mllm_quantization,  # type: ignore[arg-type]
+            batch_size=settings.mllm_batch_size,
             option_scoring=settings.mllm_option_scoring,  # type: ignore[arg-type]
             prefix_cache=settings.mllm_prefix_cache,
             option_batch_size=settings.mllm_option_batch_size,

@@ -54,7 +54,7 @@ def tiny_idefics3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def llava_engine(tiny_llava: Path):
     from backend.models.local import TransformersEngine
 
-    return TransformersEngine(str(tiny_llava), "cpu", batch_size=8)
+    return TransformersEngine.load(str(tiny_llava), "cpu", batch_size=8)
 
 
 def token_guard(token: str, body: bytes, content_type: str = "image/png") -> Callable[[Seen], Reply]:

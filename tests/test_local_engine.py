@@ -39,7 +39,7 @@ def _reference_logprob(engine: TransformersEngine, image, prompt: str, option: s
 @pytest.fixture(scope="module", params=["llava", "idefics3"])
 def summing_engine(request):
     checkpoint = request.getfixturevalue(f"tiny_{request.param}")
-    return TransformersEngine(str(checkpoint), "cpu", batch_size=4, option_scoring="sum")
+    return TransformersEngine.load(str(checkpoint), "cpu", batch_size=4, option_scoring="sum")
 
 
 def test_cli_tiny_model_loads_through_the_auto_classes(tmp_path):
@@ -106,7 +106,7 @@ def test_answer_tokens_are_the_label_then_end_of_turn(llava_engine):
 def test_mean_scoring_gives_no_option_an_edge_for_its_length(tiny_llava):
     options = ["cat", "cat cat cat cat cat cat", "traffic light"]
     for method in ("mean", "sum"):
-        engine = TransformersEngine(str(tiny_llava), "cpu", option_scoring=method)
+        engine = TransformersEngine.load(str(tiny_llava), "cpu", option_scoring=method)
         lengths = [len(engine._answer_ids(PROMPT, o)) for o in options]
         assert len(set(lengths)) == 3
         with torch.no_grad():  # a model with no preference: every token has probability 1 / vocabulary
@@ -142,7 +142,7 @@ def test_generation_returns_text_with_per_token_logprobs(llava_engine):
 
 @pytest.mark.parametrize("quantization, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
 def test_quantized_loading_swaps_in_bitsandbytes_layers_and_still_labels(tiny_llava, llava_engine, quantization, layer):
-    engine = TransformersEngine(str(tiny_llava), "cpu", quantization=quantization)
+    engine = TransformersEngine.load(str(tiny_llava), "cpu", quantization=quantization)
     layers = {type(m).__name__ for name, m in engine.model.named_modules() if ".language_model." in f".{name}."}
     assert layer in layers and "Linear" not in layers - {layer}
     assert engine.model.get_memory_footprint() < llava_engine.model.get_memory_footprint()

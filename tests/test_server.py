@@ -142,7 +142,7 @@ def test_predict_says_the_model_is_loading_and_health_answers_meanwhile(tiny_lla
 
     def slow_load():
         release.wait(30)
-        return TransformersEngine(str(tiny_llava), "cpu")
+        return TransformersEngine.load(str(tiny_llava), "cpu")
 
     settings = Settings.from_env(
         {"MLLM_MODEL": str(tiny_llava), "MODEL_DIR": str(tmp_path), "PREDICT_WAIT_SECONDS": "0"}

@@ -148,35 +148,42 @@ class TransformersEngine:
 
     def __init__(
         self,
-        model_id: str,
-        device: str = "auto",
+        model: torch.nn.Module,
+        processor,
+        name: str,
         batch_size: int = 16,
-        quantization: Quantization = "none",
         option_scoring: OptionScoring = "mean",
         prefix_cache: bool = True,
         option_batch_size: int = 256,
     ) -> None:
-        if quantization not in QUANTIZATIONS:
-            raise EngineError(f"MLLM_QUANTIZATION={quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
-        self.name = Path(model_id.rstrip("/")).name or model_id
-        self.model_id = model_id
-        self.device = resolve_device(device)
+        self.name = name
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
         self.batch_size = batch_size
         self.option_batch_size = option_batch_size
         self.option_scoring = option_scoring
         self.prefix_cache = prefix_cache
         self.forward_passes = 0
-        self.processor = AutoProcessor.from_pretrained(model_id)
-        self.tokenizer = self.processor.tokenizer
-        arguments = load_arguments(self.device, quantization, device)
-        self.model = AutoModelForImageTextToText.from_pretrained(model_id, **arguments)
-        if "device_map" not in arguments:
-            self.model.to(self.device)
-        self.model.eval()
         self._input_device = next(self.model.parameters()).device
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._lock = threading.Lock()
         self._answer_ids = lru_cache(maxsize=4096)(self._tokenize_answer)
+
+    @classmethod
+    def load(
+        cls, model_id: str, device: str = "auto", quantization: Quantization = "none", **options: object
+    ) -> TransformersEngine:
+        """Load a hub id or local checkpoint through ``AutoProcessor`` / ``AutoModelForImageTextToText``."""
+        if quantization not in QUANTIZATIONS:
+            raise EngineError(f"MLLM_QUANTIZATION={quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+        resolved = resolve_device(device)
+        arguments = load_arguments(resolved, quantization, device)
+        processor = AutoProcessor.from_pretrained(model_id)
+        model = AutoModelForImageTextToText.from_pretrained(model_id, **arguments)
+        if "device_map" not in arguments:
+            model.to(resolved)
+        return cls(model, processor, Path(model_id.rstrip("/")).name or model_id, **options)  # type: ignore[arg-type]
 
     @property
     def pad_id(self) -> int:
