@@ -18,14 +18,30 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from backend.annotate.boxes import label_crops
+from backend.annotate.boxes import FineName, label_crops, name_crops
 from backend.annotate.choice import Choice
-from backend.annotate.tagging import Tags, classify_images, tag_images
+from backend.annotate.mapping import LabelMapper
+from backend.annotate.tagging import Tags, TagSettings, classify_images, tag_images
 from backend.labelstudio.auth import LabelStudioAuth
 from backend.labelstudio.client import LabelStudioSites
-from backend.labelstudio.config import BoxLabelTarget, ImageChoiceTarget, ImageField, ProjectSpec, parse_label_config
+from backend.labelstudio.config import (
+    BoxLabelTarget,
+    BoxTextTarget,
+    ImageChoiceTarget,
+    ImageField,
+    ProjectSpec,
+    parse_label_config,
+)
 from backend.labelstudio.media import ImageLoader, MediaError
-from backend.labelstudio.regions import Box, RegionError, box_from_region, box_label_result, choices_result, crop_box
+from backend.labelstudio.regions import (
+    Box,
+    RegionError,
+    box_from_region,
+    box_label,
+    box_result,
+    choices_result,
+    crop_box,
+)
 from backend.labelstudio.tasks import user_boxes
 from backend.metrics import Metrics
 from backend.models.engine import Engine, EngineUnavailable
@@ -34,7 +50,7 @@ from backend.prompts import PromptBook
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
-SCORING = "options-v2"  # bump when the way answers are scored changes
+SCORING = "options-v3"  # bump when the way answers are scored changes
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -45,30 +61,33 @@ class _Outcome:
     task_id: Any
     results: list[dict] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
+    box_labels: dict[str, str] = field(default_factory=dict)  # box id → label the model chose
     error: str | None = None
 
     def fail(self, reason: str) -> None:
         self.error = self.error or reason
 
-    def add(self, region: dict | None, score: float) -> None:
+    def add(self, region: dict | None, score: float | None) -> None:
         if region is not None:
             self.results.append(region)
-        self.scores.append(score)
+        if score is not None:
+            self.scores.append(score)
 
     def prediction(self, model_version: str) -> dict | list:
         if self.error:
             return {"model_version": model_version, "error": f"task {self.task_id}: {self.error}"}
-        if not self.scores:
+        if not self.scores and not self.results:
             return []  # nothing to annotate yet: store nothing, so a later retrieval tries again
-        # Task score = the least confident region's score: ascending order puts suspicious tasks first.
-        return {"model_version": model_version, "score": min(self.scores), "result": self.results}
+        # Task score = the least confident label's score: ascending order puts suspicious tasks first.
+        score = min(self.scores) if self.scores else None
+        return {"model_version": model_version, "score": score, "result": self.results}
 
 
 @dataclass(frozen=True)
 class _BoxJob:
     task: int
-    target: BoxLabelTarget
     box: Box
+    user_label: str | None
     crop: Image.Image
 
 
@@ -109,6 +128,7 @@ class Predictor:
         prompts: PromptBook,
         sites: LabelStudioSites,
         metrics: Metrics,
+        mapper: LabelMapper | None = None,
     ) -> None:
         self.settings = settings
         self.slot = slot
@@ -116,25 +136,18 @@ class Predictor:
         self.prompts = prompts
         self.sites = sites
         self.metrics = metrics
+        self.mapper = mapper
 
     def model_version(self) -> str:
         """One stable string for (model, prompts, scoring): stamped on every prediction."""
         if self.settings.model_version:
             return self.settings.model_version
-        digest = hashlib.sha256(
-            "\0".join(
-                [
-                    self.settings.mllm_provider,
-                    self.settings.mllm_model,
-                    self.settings.mllm_quantization,
-                    self.settings.mllm_option_scoring,
-                    self.prompts.fingerprint(),
-                    SCORING,
-                    f"{self.settings.tag_threshold:g}",
-                ]
-            ).encode()
-        ).hexdigest()[:10]
-        name = self.settings.mllm_model.rstrip("/").split("/")[-1] or "model"
+        s = self.settings
+        parts = [s.mllm_provider, s.mllm_model, s.mllm_quantization, s.mllm_option_scoring, self.prompts.fingerprint(),
+                 SCORING, f"{s.tag_threshold:g}/{s.tag_candidate_threshold:g}/{s.tag_group_size}",
+                 f"{s.box_padding:g}/{s.box_min_side}"]  # fmt: skip
+        digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
+        name = s.mllm_model.rstrip("/").split("/")[-1] or "model"
         return f"{name}-{digest}"
 
     def predict(
@@ -156,7 +169,10 @@ class Predictor:
             box_jobs += boxes
             image_jobs += images
         started = time.perf_counter()
-        self._label_boxes(engine, box_jobs, outcomes)
+        for target in spec.boxes:
+            self._label_boxes(engine, target, [j for j in box_jobs if _belongs(j.box, target)], outcomes)
+        for text_target in spec.texts:
+            self._name_boxes(engine, text_target, spec, [j for j in box_jobs if _belongs(j.box, text_target)], outcomes)
         self._choose_for_images(engine, image_jobs, outcomes)
         self.metrics.model_seconds.observe(time.perf_counter() - started)
         version = self.model_version()
@@ -178,33 +194,61 @@ class Predictor:
                 loaded[field_.name] = self.loader.load(field_.url(task), site, task.get("id"))
             return loaded[field_.name]
 
+        images_by_name = {f.name: f for f in spec.images}
+        box_controls = {c for t in (*spec.boxes, *spec.texts) for c in t.box_controls}
         box_jobs = []
         for region in user_boxes(task, context):
             box = box_from_region(region)
-            for target in spec.boxes:
-                if box.from_name in target.box_controls and box.to_name == target.image.name:
-                    box_jobs.append(_BoxJob(index, target, box, crop_box(image(target.image), box)))
+            if box.from_name not in box_controls or box.to_name not in images_by_name:
+                continue
+            crop = crop_box(image(images_by_name[box.to_name]), box, self.settings.box_padding,
+                            self.settings.box_min_side)  # fmt: skip
+            box_jobs.append(_BoxJob(index, box, box_label(region), crop))
         interactive = bool(context and context.get("result"))
         image_jobs = [] if interactive else [_ImageJob(index, t, image(t.image)) for t in spec.choices]
         return box_jobs, image_jobs
 
     # --- model questions ----------------------------------------------------------------
 
-    def _label_boxes(self, engine: Engine, jobs: list[_BoxJob], outcomes: list[_Outcome]) -> None:
-        for target, group in _group(jobs, lambda job: job.target).items():
-            ask = partial(self._label_crops, engine, target)
-            for job, answer in zip(group, run_isolated(ask, [job.crop for job in group]), strict=True):
-                if isinstance(answer, Exception):
-                    self._model_failed(outcomes[job.task], answer)
-                    continue
-                region = box_label_result(
-                    job.box, target.control, target.image.name, target.result_type, answer.label, answer.probability
-                )
-                outcomes[job.task].add(region, answer.probability)
-                self.metrics.regions.labels(kind="box").inc()
+    def _label_boxes(self, engine: Engine, target: BoxLabelTarget, jobs: list[_BoxJob], outcomes: list[_Outcome]):
+        ask = partial(self._label_crops, engine, target)
+        for job, answer in zip(jobs, run_isolated(ask, [job.crop for job in jobs]), strict=True):
+            if isinstance(answer, Exception):
+                self._model_failed(outcomes[job.task], answer)
+                continue
+            payload = {target.result_type: [answer.label]}
+            region = box_result(job.box, target.control, target.image.name, target.result_type, payload,
+                                answer.probability)  # fmt: skip
+            outcomes[job.task].add(region, answer.probability)
+            outcomes[job.task].box_labels.setdefault(job.box.id, answer.label)
+            self.metrics.regions.labels(kind="box").inc()
 
     def _label_crops(self, engine: Engine, target: BoxLabelTarget, crops: list[Image.Image]) -> list[Choice]:
         return label_crops(engine, self.prompts, crops, target.labels)
+
+    def _name_boxes(
+        self, engine: Engine, target: BoxTextTarget, spec: ProjectSpec, jobs: list[_BoxJob], outcomes: list[_Outcome]
+    ) -> None:
+        label_set = next((t.labels for t in spec.boxes if t.image == target.image), ())
+        labels = [outcomes[j.task].box_labels.get(j.box.id) or j.user_label or "object" for j in jobs]
+        ask = partial(self._name_crops, engine, label_set)
+        for job, name in zip(jobs, run_isolated(ask, list(zip([j.crop for j in jobs], labels, strict=True))),
+                             strict=True):  # fmt: skip
+            if isinstance(name, Exception):
+                self._model_failed(outcomes[job.task], name)
+                continue
+            if not name.text:
+                continue  # the model said nothing: leave the text area to the person
+            region = box_result(job.box, target.control, target.image.name, "textarea", {"text": [name.text]},
+                                name.confidence)  # fmt: skip
+            outcomes[job.task].add(region, None)  # a free-text name does not decide the task's suspicion
+            self.metrics.regions.labels(kind="text").inc()
+
+    def _name_crops(
+        self, engine: Engine, label_set: Sequence[str], items: list[tuple[Image.Image, str]]
+    ) -> list[FineName]:
+        crops, labels = [crop for crop, _ in items], [label for _, label in items]
+        return name_crops(engine, self.prompts, crops, labels, label_set, self.mapper)
 
     def _choose_for_images(self, engine: Engine, jobs: list[_ImageJob], outcomes: list[_Outcome]) -> None:
         for target, group in _group(jobs, lambda job: job.target).items():
@@ -213,11 +257,10 @@ class Predictor:
                 if isinstance(answer, Exception):
                     self._model_failed(outcomes[job.task], answer)
                     continue
-                labels, score = (
-                    (list(answer.labels), answer.confidence)
-                    if isinstance(answer, Tags)
-                    else ([answer.label], answer.probability)
-                )
+                if isinstance(answer, Tags):
+                    labels, score = list(answer.labels), answer.confidence
+                else:
+                    labels, score = [answer.label], answer.probability
                 # A multiple-choice control with no tag kept still has a score: "none of these" was predicted.
                 region = choices_result(target.control, target.control, target.image.name, labels, score)
                 outcomes[job.task].add(region if labels else None, score)
@@ -226,14 +269,28 @@ class Predictor:
     def _answer_images(
         self, engine: Engine, target: ImageChoiceTarget, images: list[Image.Image]
     ) -> list[Choice] | list[Tags]:
-        if target.multiple:
-            return tag_images(engine, self.prompts, images, target.labels, self.settings.tag_threshold)
-        return classify_images(engine, self.prompts, images, target.labels)
+        if not target.multiple:
+            return classify_images(engine, self.prompts, images, target.labels)
+        s = self.settings
+        tag_settings = TagSettings(
+            threshold=target.threshold if target.threshold is not None else s.tag_threshold,
+            candidate_threshold=(
+                target.candidate_threshold if target.candidate_threshold is not None else s.tag_candidate_threshold
+            ),
+            group_size=target.group_size or s.tag_group_size,
+        )
+        return tag_images(
+            engine, self.prompts, images, target.labels, tag_settings, dict(target.hints), dict(target.groups)
+        )
 
     def _model_failed(self, outcome: _Outcome, exc: Exception) -> None:
         log.warning("model failed on task %s: %s", outcome.task_id, _describe(exc))
         outcome.fail(f"the model could not answer ({_describe(exc)})")
         self.metrics.task_errors.labels(reason="model").inc()
+
+
+def _belongs(box: Box, target: BoxLabelTarget | BoxTextTarget) -> bool:
+    return box.from_name in target.box_controls and box.to_name == target.image.name
 
 
 def _group(items: Sequence[T], key: Callable[[T], Any]) -> dict[Any, list[T]]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from backend.annotate.mapping import LabelMapper
 from backend.labelstudio.client import LabelStudioSites, ModelVersionSync
 from backend.labelstudio.media import ImageLoader, MediaLimits
 from backend.metrics import Metrics
 from backend.models.engine import Engine
 from backend.models.slot import EngineSlot
+from backend.models.text_encoder import SentenceEncoder
 from backend.predictor import Predictor
 from backend.prompts import PromptBook
 from backend.settings import Settings
@@ -25,7 +27,7 @@ class Service:
     metrics: Metrics
 
 
-def engine_factory(settings: Settings) -> Callable[[], Engine]:
+def engine_factory(settings: Settings, mapper: LabelMapper | None = None) -> Callable[[], Engine]:
     """How to build the configured provider's engine (called once, in the background)."""
 
     def load_local() -> Engine:
@@ -53,6 +55,7 @@ def engine_factory(settings: Settings) -> Callable[[], Engine]:
             max_retries=settings.openai_max_retries,
             concurrency=settings.openai_concurrency,
             samples=settings.openai_samples,
+            map_answer=mapper.index if mapper is not None else None,
         )
 
     return load_remote if settings.mllm_provider == "openai" else load_local
@@ -63,7 +66,8 @@ def build_service(settings: Settings, factory: Callable[[], Engine] | None = Non
     prompts.check()
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
-    slot = EngineSlot(factory or engine_factory(settings), settings.mllm_model)
+    mapper = LabelMapper(SentenceEncoder(settings.text_encoder), settings.mapping_min_similarity)
+    slot = EngineSlot(factory or engine_factory(settings, mapper), settings.mllm_model)
     sites = LabelStudioSites(settings.label_studio_url, settings.label_studio_api_key)
     limits = MediaLimits(
         max_bytes=settings.media_max_bytes,
@@ -72,7 +76,7 @@ def build_service(settings: Settings, factory: Callable[[], Engine] | None = Non
         allowed_hosts=settings.allowed_media_hosts,
     )
     loader = ImageLoader(limits, cache_bytes=settings.media_cache_bytes)
-    predictor = Predictor(settings, slot, loader, prompts, sites, metrics)
+    predictor = Predictor(settings, slot, loader, prompts, sites, metrics, mapper)
     return Service(
         settings, slot, predictor, sites, ModelVersionSync(sites, settings.sync_project_model_version), metrics
     )

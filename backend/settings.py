@@ -57,6 +57,12 @@ class Settings:
     predict_wait_seconds: float = 60.0
     sync_project_model_version: bool = True
     tag_threshold: float = 0.5
+    tag_candidate_threshold: float = 0.05
+    tag_group_size: int = 10
+    box_padding: float = 0.0
+    box_min_side: int = 32
+    text_encoder: str | None = None
+    mapping_min_similarity: float = 0.45
     log_level: str = "INFO"
 
     @property
@@ -197,5 +203,11 @@ class _Reader:
             predict_wait_seconds=self.number("PREDICT_WAIT_SECONDS", 60.0, 0.0),
             sync_project_model_version=self.flag("SYNC_PROJECT_MODEL_VERSION", True),
             tag_threshold=self.number("TAG_THRESHOLD", 0.5, 0.0, 1.0),
+            tag_candidate_threshold=self.number("TAG_CANDIDATE_THRESHOLD", 0.05, 0.0, 1.0),
+            tag_group_size=self.integer("TAG_GROUP_SIZE", 10, 1),
+            box_padding=self.number("BOX_PADDING", 0.0, 0.0, 10.0),
+            box_min_side=self.integer("BOX_MIN_SIDE", 32, 1),
+            text_encoder=self.text("TEXT_ENCODER"),
+            mapping_min_similarity=self.number("MAPPING_MIN_SIMILARITY", 0.45, -1.0, 1.0),
             log_level=log_level,
         )

@@ -7,7 +7,7 @@ from PIL import Image, ImageDraw
 from backend.labelstudio.regions import (
     RegionError,
     box_from_region,
-    box_label_result,
+    box_result,
     crop_box,
     pixel_corners,
 )
@@ -83,11 +83,11 @@ def test_tiny_box_still_gives_one_pixel():
 
 def test_result_keeps_the_users_region_id_and_geometry():
     box = box_from_region(region(rotation=15))
-    result = box_label_result(box, "label", "image", "rectanglelabels", "Dog", 0.75)
+    result = box_result(box, "label", "image", "rectanglelabels", {"rectanglelabels": ["Dog"]}, 0.75)
     assert result["id"] == "r1"
     assert result["value"] == {"x": 10, "y": 20, "width": 30, "height": 40, "rotation": 15, "rectanglelabels": ["Dog"]}
     assert (result["original_width"], result["original_height"], result["score"]) == (100, 50, 0.75)
-    per_region = box_label_result(box, "kind", "image", "choices", "A", 0.5)
+    per_region = box_result(box, "kind", "image", "choices", {"choices": ["A"]}, 0.5)
     assert per_region["value"]["choices"] == ["A"] and per_region["type"] == "choices"
 
 
@@ -104,3 +104,23 @@ def test_boxes_come_from_context_first_then_the_latest_annotation_or_draft():
 def test_project_id_reads_label_studios_project_string():
     assert project_id("12.1795311428") == 12
     assert project_id(None) is None and project_id("abc") is None
+
+
+def test_context_padding_and_minimum_side_are_added_around_the_box():
+    image = Image.new("RGB", (100, 50))
+    box = box_from_region(region(x=40, y=40, width=10, height=10))  # 10 x 5 pixels
+    assert crop_box(image, box, padding=0.5).size == (20, 10)
+    assert crop_box(image, box, min_side=16).size == (16, 16)
+    at_edge = box_from_region(region(x=90, y=40, width=10, height=10))  # pixels 90-100 wide
+    assert crop_box(image, at_edge, min_side=40).size == (25, 40)  # clipped at the image's right edge
+    rotated = box_from_region(region(x=40, y=20, width=10, height=10, rotation=30))
+    assert crop_box(image, rotated, min_side=16).size == (16, 16)
+
+
+def test_rotated_crop_with_padding_keeps_the_box_centred():
+    image = painted((100, 100), (40, 10, 49, 39))
+    box = box_from_region(region(x=50, y=10, width=30, height=10, rotation=90))
+    crop = np.asarray(crop_box(image, box, padding=0.2)).astype(int)
+    assert crop.shape[:2] == (14, 42)
+    assert (crop[3:-3, 7:-7, 0] > 200).mean() > 0.9  # the box itself, inside the context
+    assert (crop[0, :, 0] < 50).all()  # the context row above it is background

@@ -1,14 +1,33 @@
-"""Boxes → labels: a person draws a box, the model names what is inside it (arXiv 2503.11096)."""
+"""Boxes → labels: a person draws a box, the model names what is inside it (arXiv 2503.11096).
+
+Besides a label from the project's label set, a box can get a fine-grained free-text name
+("Dachshund (Dog)"). The category in its parentheses (or the whole name) is mapped onto the
+label set, so the name can be checked against the box's label.
+"""
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from PIL import Image
 
 from backend.annotate.choice import Choice, choose
+from backend.annotate.mapping import LabelMapper, Mapping
 from backend.models.engine import Engine
 from backend.prompts import PromptBook, format_labels
+
+FINE_NAME_TOKENS = 24
+_CATEGORY = re.compile(r"\(([^()]+)\)\s*\.?\s*$")
+
+
+@dataclass(frozen=True)
+class FineName:
+    text: str
+    confidence: float | None  # geometric-mean token probability, when the provider gives log-probs
+    category: Mapping | None  # the name's category mapped onto the label set
 
 
 def label_crops(
@@ -17,3 +36,32 @@ def label_crops(
     """One label from ``labels`` for each crop, with its probability over the label set."""
     prompt = prompts.render("box_label", labels=format_labels(labels))
     return choose(engine, crops, prompt, labels)
+
+
+def name_crops(
+    engine: Engine,
+    prompts: PromptBook,
+    crops: Sequence[Image.Image],
+    crop_labels: Sequence[str],
+    label_set: Sequence[str],
+    mapper: LabelMapper | None,
+) -> list[FineName]:
+    """A fine-grained name for each crop, asked as "this is a <label>; what exactly?"."""
+    names: list[FineName | None] = [None] * len(crops)
+    for label in dict.fromkeys(crop_labels):
+        indices = [i for i, crop_label in enumerate(crop_labels) if crop_label == label]
+        prompt = prompts.render("box_fine_label", label=label)
+        generations = engine.generate([crops[i] for i in indices], prompt, max_new_tokens=FINE_NAME_TOKENS)
+        for i, generation in zip(indices, generations, strict=True):
+            logprobs = generation.token_logprobs
+            confidence = math.exp(sum(logprobs) / len(logprobs)) if logprobs else None
+            category = name_category(generation.text)
+            mapping = mapper.map(category, label_set) if mapper is not None and label_set and category else None
+            names[i] = FineName(generation.text, confidence, mapping)
+    return [name for name in names if name is not None]
+
+
+def name_category(text: str) -> str:
+    """The general category of a fine-grained name: "Dachshund (Dog)" → "Dog"; no parentheses → the name."""
+    found = _CATEGORY.search(text)
+    return (found.group(1) if found else text).strip()

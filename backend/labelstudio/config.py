@@ -11,9 +11,14 @@ from label_studio_sdk.label_interface import LabelInterface
 SUPPORTED = (
     "<RectangleLabels> on an <Image> (a label for each box a person drew), "
     '<Rectangle> plus <Choices perRegion="true"> on the same <Image>, '
+    '<TextArea perRegion="true"> (a fine-grained name for each box), '
     "and <Choices> on a whole <Image>"
 )
 _BOX_TAGS = {"RectangleLabels", "Rectangle"}
+# Per-control settings, as attributes on the <Choices> tag (namespaced so they never clash with Label Studio's).
+THRESHOLD_ATTR = "mllmThreshold"  # P(yes) a multiple-choice tag needs to be kept
+CANDIDATE_ATTR = "mllmCandidateThreshold"  # group-stage probability a label needs to become a candidate
+GROUP_SIZE_ATTR = "mllmGroupSize"  # labels per group-wise question
 
 
 class UnsupportedConfig(ValueError):
@@ -59,6 +64,20 @@ class ImageChoiceTarget:
     image: ImageField
     labels: tuple[str, ...]
     multiple: bool
+    hints: tuple[tuple[str, str], ...] = ()  # (label, definition) from <Choice hint="..."> or alias
+    groups: tuple[tuple[str, str], ...] = ()  # (label, group) from <Choice group="...">
+    threshold: float | None = None
+    candidate_threshold: float | None = None
+    group_size: int | None = None
+
+
+@dataclass(frozen=True)
+class BoxTextTarget:
+    """Write a fine-grained free-text name into ``control`` for each box drawn with ``box_controls``."""
+
+    control: str
+    image: ImageField
+    box_controls: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -66,17 +85,54 @@ class ProjectSpec:
     boxes: tuple[BoxLabelTarget, ...]
     choices: tuple[ImageChoiceTarget, ...]
     ignored: tuple[str, ...]  # controls present but not annotated by this backend, for logs
+    texts: tuple[BoxTextTarget, ...] = ()
 
     @property
     def images(self) -> tuple[ImageField, ...]:
         seen: dict[str, ImageField] = {}
-        for target in (*self.boxes, *self.choices):
+        for target in (*self.boxes, *self.choices, *self.texts):
             seen.setdefault(target.image.name, target.image)
         return tuple(seen.values())
 
 
 def _is_true(value: object) -> bool:
     return str(value).lower() in {"true", "1", "yes"}
+
+
+def _number_attr(control, name: str, low: float, high: float, integer: bool = False) -> float | None:
+    raw = control.attr.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        kind = "a whole number" if integer else "a number"
+        raise UnsupportedConfig(
+            f'<{control.tag} name="{control.name}"> has {name}="{raw}"; set it to {kind} from {low:g} to {high:g}'
+        )
+    return value
+
+
+def _choice_target(control, image: ImageField) -> ImageChoiceTarget:
+    labels = tuple(control.labels)
+    attrs = {label: control.labels_attrs[label].attr for label in labels}
+    hints = tuple(
+        (label, a.get("hint") or a.get("alias")) for label, a in attrs.items() if a.get("hint") or a.get("alias")
+    )
+    groups = tuple((label, a["group"]) for label, a in attrs.items() if a.get("group"))
+    return ImageChoiceTarget(
+        control=control.name,
+        image=image,
+        labels=labels,
+        multiple=str(control.attr.get("choice", "single")).lower() == "multiple",
+        hints=hints,
+        groups=groups,
+        threshold=_number_attr(control, THRESHOLD_ATTR, 0.0, 1.0),
+        candidate_threshold=_number_attr(control, CANDIDATE_ATTR, 0.0, 1.0),
+        group_size=_number_attr(control, GROUP_SIZE_ATTR, 1, 1000, integer=True),  # type: ignore[arg-type]
+    )
 
 
 @lru_cache(maxsize=64)
@@ -100,7 +156,7 @@ def parse_label_config(config: str) -> ProjectSpec:
             for name in control.to_name:
                 box_controls.setdefault(name, []).append(control.name)
 
-    boxes, choices, ignored = [], [], []
+    boxes, choices, texts, ignored = [], [], [], []
     for control in interface.controls:
         targets = [images[name] for name in control.to_name if name in images]
         missing = [name for name in control.to_name if name not in images]
@@ -121,14 +177,16 @@ def parse_label_config(config: str) -> ProjectSpec:
                 BoxLabelTarget(control.name, image, labels, "choices", tuple(box_controls.get(image.name, ())))
             )
         elif control.tag == "Choices" and targets:
-            multiple = str(control.attr.get("choice", "single")).lower() == "multiple"
-            choices.append(ImageChoiceTarget(control.name, targets[0], labels, multiple))
+            choices.append(_choice_target(control, targets[0]))
+        elif control.tag == "TextArea" and targets and _is_true(control.attr.get("perRegion")):
+            image = targets[0]
+            texts.append(BoxTextTarget(control.name, image, tuple(box_controls.get(image.name, ()))))
         elif control.tag not in _BOX_TAGS:
             ignored.append(f"{control.tag} {control.name}")
 
-    if not boxes and not choices:
+    if not boxes and not choices and not any(t.box_controls for t in texts):
         found = ", ".join(ignored) or "no controls"
         raise UnsupportedConfig(
             f"nothing to annotate in this label config (found: {found}); this backend supports {SUPPORTED}"
         )
-    return ProjectSpec(tuple(boxes), tuple(choices), tuple(ignored))
+    return ProjectSpec(tuple(boxes), tuple(choices), tuple(ignored), tuple(texts))

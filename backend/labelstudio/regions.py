@@ -81,44 +81,65 @@ def pixel_corners(box: Box, image_width: int, image_height: int) -> list[tuple[f
     return [(x0 + u * cos - v * sin, y0 + u * sin + v * cos) for u, v in local]
 
 
-def crop_box(image: Image.Image, box: Box) -> Image.Image:
-    """The pixels inside ``box``, upright. Parts outside the image are clipped (unrotated) or black (rotated)."""
+def crop_box(image: Image.Image, box: Box, padding: float = 0.0, min_side: int = 1) -> Image.Image:
+    """The pixels inside ``box``, upright, with context around it.
+
+    ``padding`` adds that fraction of the box's width/height on each side; a box smaller than
+    ``min_side`` pixels grows to it. Context outside the image is clipped (unrotated boxes)
+    or black (rotated boxes).
+    """
     width, height = image.size
     corners = pixel_corners(box, width, height)
     xs, ys = [c[0] for c in corners], [c[1] for c in corners]
     if max(xs) <= 0 or max(ys) <= 0 or min(xs) >= width or min(ys) >= height:
         raise RegionError(f"box {box.id} lies outside the {width}x{height} image")
+    box_w, box_h = box.width / 100 * width, box.height / 100 * height
+    pad_x = max(padding * box_w, (min_side - box_w) / 2, 0.0)
+    pad_y = max(padding * box_h, (min_side - box_h) / 2, 0.0)
     if box.rotation % 360 == 0:
-        left, top = max(0, round(min(xs))), max(0, round(min(ys)))
-        right, bottom = min(width, round(max(xs))), min(height, round(max(ys)))
+        left, top = max(0, round(min(xs) - pad_x)), max(0, round(min(ys) - pad_y))
+        right, bottom = min(width, round(max(xs) + pad_x)), min(height, round(max(ys) + pad_y))
         right, bottom = max(right, left + 1), max(bottom, top + 1)
         return image.crop((left, top, right, bottom))
-    out_w = max(1, round(box.width / 100 * width))
-    out_h = max(1, round(box.height / 100 * height))
+    out_w, out_h = max(1, round(box_w + 2 * pad_x)), max(1, round(box_h + 2 * pad_y))
     theta = math.radians(box.rotation)
     cos, sin = math.cos(theta), math.sin(theta)
-    (x0, y0) = corners[0]
-    # PIL maps each output pixel (u, v) to input (a*u + b*v + c, d*u + e*v + f).
-    return image.transform(
-        (out_w, out_h), Image.Transform.AFFINE, (cos, -sin, x0, sin, cos, y0), Image.Resampling.BILINEAR
-    )
+    x0, y0 = corners[0]
+    # PIL maps each output pixel (u, v) to input (a*u + b*v + c, d*u + e*v + f); (pad_x, pad_y) is the box corner.
+    affine = (cos, -sin, x0 - pad_x * cos + pad_y * sin, sin, cos, y0 - pad_x * sin - pad_y * cos)
+    return image.transform((out_w, out_h), Image.Transform.AFFINE, affine, Image.Resampling.BILINEAR)
 
 
-def box_label_result(box: Box, control: str, to_name: str, result_type: str, label: str, score: float) -> dict:
-    """A prediction region that labels the user's box, keeping its id so the label attaches to it."""
+def box_result(box: Box, control: str, to_name: str, result_type: str, payload: dict, score: float | None) -> dict:
+    """A prediction region on the user's box, keeping its id so it attaches to that box.
+
+    ``payload`` is the control's part of the value: ``{"rectanglelabels": [...]}``,
+    ``{"choices": [...]}`` or ``{"text": [...]}``.
+    """
     region: dict[str, Any] = {
         "id": box.id,
         "from_name": control,
         "to_name": to_name,
         "type": result_type,
-        "value": {**box.value(), result_type: [label]},
-        "score": score,
+        "value": {**box.value(), **payload},
         "image_rotation": box.image_rotation,
     }
+    if score is not None:
+        region["score"] = score
     if box.original_width and box.original_height:
         region["original_width"] = box.original_width
         region["original_height"] = box.original_height
     return region
+
+
+def box_label(region: dict[str, Any]) -> str | None:
+    """The label a person gave a box region, if any."""
+    value = region.get("value") or {}
+    for key in ("rectanglelabels", "labels", "choices"):
+        labels = value.get(key)
+        if isinstance(labels, list) and labels:
+            return str(labels[0])
+    return None
 
 
 def choices_result(region_id: str, control: str, to_name: str, labels: list[str], score: float) -> dict:

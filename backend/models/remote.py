@@ -9,8 +9,9 @@ Scoring a fixed set of options over HTTP:
 - ``"agreement"`` (servers that return no log-probabilities, e.g. ``transformers serve``):
   the question is asked ``samples`` times (the first greedy, the rest at temperature 1)
   and an option's probability is its share of the answers, smoothed:
-  ``(count + 0.5) / (samples + 0.5 · n_options)``. Answers that name no option count for
-  none, so a model that never answers inside the label set gets the uniform distribution:
+  ``(count + 0.5) / (samples + 0.5 · n_options)``. An answer that names no option is mapped
+  to the nearest label by text embeddings when a mapper is given (and counts for none if
+  nothing is similar enough), so a model that never answers inside the label set gets the uniform distribution:
   maximal doubt. A server that ignores temperature makes every sample the same; the score
   then says only whether the model answered inside the label set.
 
@@ -28,7 +29,7 @@ import re
 import string
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -96,6 +97,7 @@ class OpenAIEngine:
         concurrency: int = 8,
         samples: int = 5,
         session: requests.Session | None = None,
+        map_answer: Callable[[str, Sequence[str]], int | None] | None = None,
     ) -> None:
         self.name = model
         self.model = model
@@ -104,6 +106,7 @@ class OpenAIEngine:
         self.timeout = timeout
         self.max_retries = max_retries
         self.samples = samples
+        self.map_answer = map_answer
         self.session = session or requests.Session()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="openai")
         self._has_logprobs: bool | None = None
@@ -238,6 +241,8 @@ class OpenAIEngine:
         counts = np.zeros(len(options))
         for answer in answers:
             index = match_answer(answer, options, lettered)
+            if index is None and self.map_answer is not None and answer.strip():
+                index = self.map_answer(answer, options)  # an out-of-set answer moves to the nearest label
             if index is not None:
                 counts[index] += 1
         return np.log((counts + SMOOTHING) / (len(answers) + SMOOTHING * len(options)))
