@@ -57,6 +57,30 @@ def serve(host: str, port: int, threads: int) -> None:
     _Gunicorn().run()
 
 
+def review_plan(project: int, budget: float | None, target: float | None, create_view: bool) -> None:
+    import json
+
+    from backend.labelstudio.client import connect, create_review_view, prediction_scores
+    from backend.predictor import model_version
+    from backend.prompts import PromptBook
+    from backend.review_plan import plan_review
+
+    settings = _load_settings()
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        print("mllm-backend: review-plan needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
+        raise SystemExit(2)
+    client = connect(settings.label_studio_url, settings.label_studio_api_key)
+    version = model_version(settings, PromptBook(settings.prompts_dir))
+    report = {
+        "project": project,
+        "model_version": version,
+        **plan_review(prediction_scores(client, project, version), budget, target).as_dict(),
+    }
+    if create_view:
+        report["view_id"] = create_review_view(client, project)
+    print(json.dumps(report, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mllm-backend", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +101,19 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--out", type=Path, default=Path("bench-results/engine.json"), help="JSON file to write")
     bench.add_argument("--repeats", type=int, default=15, help="timed repeats per measurement (the fastest is kept)")
 
+    plan = commands.add_parser(
+        "review-plan",
+        help="how many of the most suspicious tasks to review (reads scores from Label Studio)",
+        description="Reads the project's predictions from our current model_version through LABEL_STUDIO_URL / "
+        "LABEL_STUDIO_API_KEY and prints a JSON plan. Give --budget (fraction of tasks) or --target "
+        "(fraction of expected wrong labels to catch).",
+    )
+    plan.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    amount = plan.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--budget", type=float, help="fraction of tasks you can review, e.g. 0.2")
+    amount.add_argument("--target", type=float, help="fraction of expected errors to catch, e.g. 0.9")
+    plan.add_argument("--create-view", action="store_true", help="also save a Data Manager tab sorted by suspicion")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.host, args.port, args.threads)
@@ -86,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         out = build_tiny_checkpoint(args.dir, args.arch, args.seed)
         print(f"wrote a tiny random {args.arch} checkpoint to {out} (random weights: its labels are random)")
         print(f"serve it with: MLLM_MODEL={out} mllm-backend serve")
+    elif args.command == "review-plan":
+        review_plan(args.project, args.budget, args.target, args.create_view)
     elif args.command == "bench":
         from backend.bench import main as bench_main
 

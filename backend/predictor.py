@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -20,7 +21,9 @@ from PIL import Image
 
 from backend.annotate.boxes import FineName, label_crops, name_crops
 from backend.annotate.choice import Choice
+from backend.annotate.critic import judge
 from backend.annotate.mapping import LabelMapper
+from backend.annotate.suspicion import Signals, fuse
 from backend.annotate.tagging import Tags, TagSettings, classify_images, tag_images
 from backend.labelstudio.auth import LabelStudioAuth
 from backend.labelstudio.client import LabelStudioSites
@@ -42,45 +45,60 @@ from backend.labelstudio.regions import (
     choices_result,
     crop_box,
 )
-from backend.labelstudio.tasks import user_boxes
+from backend.labelstudio.review import PredictedLabel
+from backend.labelstudio.tasks import project_id, user_boxes
 from backend.metrics import Metrics
 from backend.models.engine import Engine, EngineUnavailable
 from backend.models.slot import EngineSlot
 from backend.prompts import PromptBook
+from backend.reviews import ReviewStore
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 SCORING = "options-v3"  # bump when the way answers are scored changes
+SCORE_MEANING = "P(every predicted label in the task is correct): low = suspicious; sort ascending to review first"
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 @dataclass
+class _Judged:
+    """A predicted label waiting for its suspicion score."""
+
+    image: Image.Image
+    label: str
+    signals: Signals
+    region: dict  # the result region whose score it sets (several tags share one region)
+    region_id: str
+    control: str
+    hints: dict[str, str] = field(default_factory=dict)
+    raw: float = 0.0
+    p_correct: float = 0.0
+
+
+@dataclass
 class _Outcome:
     task_id: Any
     results: list[dict] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
+    judged: list[_Judged] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)  # decisions with no predicted label ("no tags")
     box_labels: dict[str, str] = field(default_factory=dict)  # box id → label the model chose
     error: str | None = None
 
     def fail(self, reason: str) -> None:
         self.error = self.error or reason
 
-    def add(self, region: dict | None, score: float | None) -> None:
-        if region is not None:
-            self.results.append(region)
-        if score is not None:
-            self.scores.append(score)
-
     def prediction(self, model_version: str) -> dict | list:
         if self.error:
             return {"model_version": model_version, "error": f"task {self.task_id}: {self.error}"}
-        if not self.scores and not self.results:
+        if not self.judged and not self.confidences and not self.results:
             return []  # nothing to annotate yet: store nothing, so a later retrieval tries again
-        # Task score = the least confident label's score: ascending order puts suspicious tasks first.
-        score = min(self.scores) if self.scores else None
-        return {"model_version": model_version, "score": score, "result": self.results}
+        if self.judged:
+            score: float | None = math.prod(j.p_correct for j in self.judged)
+        else:
+            score = min(self.confidences) if self.confidences else None
+        return {"model_version": model_version, "score": score, "score_meaning": SCORE_MEANING, "result": self.results}
 
 
 @dataclass(frozen=True)
@@ -96,6 +114,19 @@ class _ImageJob:
     task: int
     target: ImageChoiceTarget
     image: Image.Image
+
+
+def model_version(s: Settings, prompts: PromptBook) -> str:
+    """One stable string for (model, prompts, scoring, critic): returned by /setup, stamped on every prediction."""
+    if s.model_version:
+        return s.model_version
+    parts = [s.mllm_provider, s.mllm_model, s.mllm_quantization, s.mllm_option_scoring, prompts.fingerprint(),
+             SCORING, f"{s.tag_threshold:g}/{s.tag_candidate_threshold:g}/{s.tag_group_size}",
+             f"{s.box_padding:g}/{s.box_min_side}",
+             f"critic={s.critic}:{s.critic_provider}:{s.critic_model}"]  # fmt: skip
+    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
+    name = s.mllm_model.rstrip("/").split("/")[-1] or "model"
+    return f"{name}-{digest}"
 
 
 def run_isolated(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R | Exception]:
@@ -128,7 +159,9 @@ class Predictor:
         prompts: PromptBook,
         sites: LabelStudioSites,
         metrics: Metrics,
+        reviews: ReviewStore,
         mapper: LabelMapper | None = None,
+        critic_slot: EngineSlot | None = None,
     ) -> None:
         self.settings = settings
         self.slot = slot
@@ -136,19 +169,12 @@ class Predictor:
         self.prompts = prompts
         self.sites = sites
         self.metrics = metrics
+        self.reviews = reviews
         self.mapper = mapper
+        self.critic_slot = critic_slot
 
     def model_version(self) -> str:
-        """One stable string for (model, prompts, scoring): stamped on every prediction."""
-        if self.settings.model_version:
-            return self.settings.model_version
-        s = self.settings
-        parts = [s.mllm_provider, s.mllm_model, s.mllm_quantization, s.mllm_option_scoring, self.prompts.fingerprint(),
-                 SCORING, f"{s.tag_threshold:g}/{s.tag_candidate_threshold:g}/{s.tag_group_size}",
-                 f"{s.box_padding:g}/{s.box_min_side}"]  # fmt: skip
-        digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
-        name = s.mllm_model.rstrip("/").split("/")[-1] or "model"
-        return f"{name}-{digest}"
+        return model_version(self.settings, self.prompts)
 
     def predict(
         self, tasks: list[dict], label_config: str, project: str | None, context: dict | None
@@ -174,8 +200,11 @@ class Predictor:
         for text_target in spec.texts:
             self._name_boxes(engine, text_target, spec, [j for j in box_jobs if _belongs(j.box, text_target)], outcomes)
         self._choose_for_images(engine, image_jobs, outcomes)
+        judged = [j for outcome in outcomes if not outcome.error for j in outcome.judged]
+        self._score(engine, judged, project_id(project))
         self.metrics.model_seconds.observe(time.perf_counter() - started)
         version = self.model_version()
+        self._remember(project_id(project), version, outcomes)
         predictions = [outcome.prediction(version) for outcome in outcomes]
         self.metrics.predictions.inc(sum(1 for p in predictions if isinstance(p, dict) and "result" in p))
         return predictions
@@ -217,10 +246,12 @@ class Predictor:
                 self._model_failed(outcomes[job.task], answer)
                 continue
             payload = {target.result_type: [answer.label]}
-            region = box_result(job.box, target.control, target.image.name, target.result_type, payload,
-                                answer.probability)  # fmt: skip
-            outcomes[job.task].add(region, answer.probability)
-            outcomes[job.task].box_labels.setdefault(job.box.id, answer.label)
+            region = box_result(job.box, target.control, target.image.name, target.result_type, payload, None)
+            signals = Signals(annotator=answer.probability, margin=answer.margin, mapped=answer.mapped)
+            outcome = outcomes[job.task]
+            outcome.results.append(region)
+            outcome.judged.append(_Judged(job.crop, answer.label, signals, region, job.box.id, target.control))
+            outcome.box_labels.setdefault(job.box.id, answer.label)
             self.metrics.regions.labels(kind="box").inc()
 
     def _label_crops(self, engine: Engine, target: BoxLabelTarget, crops: list[Image.Image]) -> list[Choice]:
@@ -241,7 +272,7 @@ class Predictor:
                 continue  # the model said nothing: leave the text area to the person
             region = box_result(job.box, target.control, target.image.name, "textarea", {"text": [name.text]},
                                 name.confidence)  # fmt: skip
-            outcomes[job.task].add(region, None)  # a free-text name does not decide the task's suspicion
+            outcomes[job.task].results.append(region)  # a free-text name does not decide the task's suspicion
             self.metrics.regions.labels(kind="text").inc()
 
     def _name_crops(
@@ -257,14 +288,25 @@ class Predictor:
                 if isinstance(answer, Exception):
                     self._model_failed(outcomes[job.task], answer)
                     continue
-                if isinstance(answer, Tags):
-                    labels, score = list(answer.labels), answer.confidence
-                else:
-                    labels, score = [answer.label], answer.probability
-                # A multiple-choice control with no tag kept still has a score: "none of these" was predicted.
-                region = choices_result(target.control, target.control, target.image.name, labels, score)
-                outcomes[job.task].add(region if labels else None, score)
+                self._add_image_answer(outcomes[job.task], target, job.image, answer)
                 self.metrics.regions.labels(kind="image").inc()
+
+    @staticmethod
+    def _add_image_answer(outcome: _Outcome, target: ImageChoiceTarget, image: Image.Image, answer: Choice | Tags):
+        hints = dict(target.hints)
+        if isinstance(answer, Tags):
+            if not answer.labels:  # "none of these" was predicted: no label to judge, but a decision to rank
+                outcome.confidences.append(answer.confidence)
+                return
+            region = choices_result(target.control, target.control, target.image.name, list(answer.labels), None)
+            for tag in answer.labels:
+                signals = Signals(annotator=answer.presence[tag])
+                outcome.judged.append(_Judged(image, tag, signals, region, target.control, target.control, hints))
+        else:
+            region = choices_result(target.control, target.control, target.image.name, [answer.label], None)
+            signals = Signals(annotator=answer.probability, margin=answer.margin, mapped=answer.mapped)
+            outcome.judged.append(_Judged(image, answer.label, signals, region, target.control, target.control, hints))
+        outcome.results.append(region)
 
     def _answer_images(
         self, engine: Engine, target: ImageChoiceTarget, images: list[Image.Image]
@@ -282,6 +324,46 @@ class Predictor:
         return tag_images(
             engine, self.prompts, images, target.labels, tag_settings, dict(target.hints), dict(target.groups)
         )
+
+    # --- suspicion ---------------------------------------------------------------------
+
+    def _score(self, engine: Engine, judged: list[_Judged], project: int | None) -> None:
+        """Critic pass, fusion, calibration: each judged label's P(correct) and its region's score."""
+        verdicts = self._critic(engine, judged)
+        calibrator = self.reviews.calibrator(project)
+        for item, verdict in zip(judged, verdicts, strict=True):
+            signals = replace(item.signals, critic=verdict)
+            item.raw = fuse(signals)
+            item.p_correct = calibrator(item.raw) if calibrator is not None else item.raw
+        regions: dict[int, list[_Judged]] = defaultdict(list)
+        for item in judged:
+            regions[id(item.region)].append(item)
+        for items in regions.values():  # several tags share a region: P(all of them correct)
+            items[0].region["score"] = math.prod(item.p_correct for item in items)
+
+    def _critic(self, engine: Engine, judged: list[_Judged]) -> list[float | None]:
+        if not self.settings.critic or not judged:
+            return [None] * len(judged)
+        try:
+            critic = self.critic_slot.get(self.settings.predict_wait_seconds) if self.critic_slot else engine
+            hints = {label: hint for item in judged for label, hint in item.hints.items()}
+            verdicts = judge(critic, self.prompts, [j.image for j in judged], [j.label for j in judged], hints)
+        except Exception as exc:  # the critic is advice: without it, scores fall back to the other signals
+            log.warning("critic pass failed (%s); scoring without it", _describe(exc))
+            self.metrics.task_errors.labels(reason="critic").inc()
+            return [None] * len(judged)
+        return [float(v) for v in verdicts]
+
+    def _remember(self, project: int | None, version: str, outcomes: list[_Outcome]) -> None:
+        """Keep each predicted label's raw score, to learn from review which scores mean what."""
+        labels = [
+            PredictedLabel(int(o.task_id), j.region_id, j.control, j.label, j.raw)
+            for o in outcomes
+            if not o.error and isinstance(o.task_id, int)
+            for j in o.judged
+        ]
+        if project is not None and labels:
+            self.reviews.record_predictions(project, version, labels)
 
     def _model_failed(self, outcome: _Outcome, exc: Exception) -> None:
         log.warning("model failed on task %s: %s", outcome.task_id, _describe(exc))

@@ -19,6 +19,7 @@ TEMPLATES: dict[str, frozenset[str]] = {
     "image_choice": frozenset({"labels"}),
     "tag_candidates": frozenset({"labels"}),
     "tag_confirm": frozenset({"label", "definition"}),
+    "critic": frozenset({"label", "definition"}),
 }
 CONCEPTS_FILE = "concepts.json"
 

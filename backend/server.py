@@ -11,6 +11,7 @@ from flask import Flask, Response, g, jsonify, request
 
 from backend.labelstudio.client import SetupInfo
 from backend.labelstudio.config import UnsupportedConfig, parse_label_config
+from backend.labelstudio.tasks import annotation_event
 from backend.metrics import CONTENT_TYPE
 from backend.models.slot import ModelNotReady
 from backend.prompts import PromptError
@@ -35,11 +36,25 @@ def _json_object() -> dict[str, Any] | Response:
     return body
 
 
+def record_review(reviews, action: str, body: dict[str, Any]) -> int:
+    """An annotation webhook says which of our labels a human kept; returns how many were judged."""
+    event = annotation_event(action, body)
+    if event is None:
+        return 0
+    project, task, result = event
+    if result is None:
+        reviews.forget_task(project, task)
+        return 0
+    return reviews.record_annotation(project, task, result)
+
+
 def create_app(service: Service) -> Flask:
     app = Flask("mllm-backend")
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     settings, predictor, metrics = service.settings, service.predictor, service.metrics
     service.slot.start()
+    if predictor.critic_slot is not None:
+        predictor.critic_slot.start()
 
     @app.before_request
     def authenticate() -> Response | None:
@@ -80,6 +95,8 @@ def create_app(service: Service) -> Flask:
             "model_state": state,
             "model": settings.mllm_model,
             "model_version": predictor.model_version(),
+            # Projects whose scores are calibrated on their own review outcomes; elsewhere scores are raw fusions.
+            "calibrated_projects": predictor.reviews.calibrated_projects(),
         }
         if state == "failed":
             return jsonify({**body, "status": "DOWN", "error": service.slot.error}), 503
@@ -126,13 +143,14 @@ def create_app(service: Service) -> Flask:
         if isinstance(body, Response):
             return body
         action = str(body.get("action") or "")
-        log.info("webhook %s acknowledged", action or "(no action)")
-        return jsonify({"status": "ok", "action": action})
+        judged = record_review(predictor.reviews, action, body)
+        log.info("webhook %s acknowledged (%d predicted labels judged)", action or "(no action)", judged)
+        return jsonify({"status": "ok", "action": action, "judged_labels": judged})
 
     @app.get("/versions")
     def versions() -> Response:
         version = predictor.model_version()
-        return jsonify({"versions": [version], "model_version": version})
+        return jsonify({"versions": [version], "model_version": version, "calibration": predictor.reviews.status()})
 
     @app.get("/metrics")
     def prometheus() -> Response:

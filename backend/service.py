@@ -14,6 +14,7 @@ from backend.models.slot import EngineSlot
 from backend.models.text_encoder import SentenceEncoder
 from backend.predictor import Predictor
 from backend.prompts import PromptBook
+from backend.reviews import ReviewStore
 from backend.settings import Settings
 
 
@@ -27,14 +28,23 @@ class Service:
     metrics: Metrics
 
 
-def engine_factory(settings: Settings, mapper: LabelMapper | None = None) -> Callable[[], Engine]:
-    """How to build the configured provider's engine (called once, in the background)."""
+def engine_factory(
+    settings: Settings,
+    mapper: LabelMapper | None = None,
+    provider: str | None = None,
+    model: str | None = None,
+    base_url: str | None = None,
+) -> Callable[[], Engine]:
+    """How to build an engine (called once, in the background): the annotator by default, or the critic."""
+    provider = provider or settings.mllm_provider
+    model = model or settings.mllm_model
+    base_url = base_url or settings.openai_base_url
 
     def load_local() -> Engine:
         from backend.models.local import TransformersEngine  # torch import is slow: only in the loader
 
         return TransformersEngine.load(
-            settings.mllm_model,
+            model,
             settings.mllm_device,
             quantization=settings.mllm_quantization,  # type: ignore[arg-type]
             batch_size=settings.mllm_batch_size,
@@ -46,10 +56,10 @@ def engine_factory(settings: Settings, mapper: LabelMapper | None = None) -> Cal
     def load_remote() -> Engine:
         from backend.models.remote import OpenAIEngine
 
-        assert settings.openai_base_url is not None  # Settings guarantees it for this provider
+        assert base_url is not None  # Settings guarantees it for this provider
         return OpenAIEngine(
-            settings.openai_base_url,
-            settings.mllm_model,
+            base_url,
+            model,
             api_key=settings.openai_api_key,
             timeout=settings.openai_timeout,
             max_retries=settings.openai_max_retries,
@@ -58,7 +68,7 @@ def engine_factory(settings: Settings, mapper: LabelMapper | None = None) -> Cal
             map_answer=mapper.index if mapper is not None else None,
         )
 
-    return load_remote if settings.mllm_provider == "openai" else load_local
+    return load_remote if provider == "openai" else load_local
 
 
 def build_service(settings: Settings, factory: Callable[[], Engine] | None = None) -> Service:
@@ -76,7 +86,14 @@ def build_service(settings: Settings, factory: Callable[[], Engine] | None = Non
         allowed_hosts=settings.allowed_media_hosts,
     )
     loader = ImageLoader(limits, cache_bytes=settings.media_cache_bytes)
-    predictor = Predictor(settings, slot, loader, prompts, sites, metrics, mapper)
+    critic_slot = None
+    if settings.critic and settings.critic_model:
+        critic_factory = engine_factory(
+            settings, mapper, settings.critic_provider, settings.critic_model, settings.critic_base_url
+        )
+        critic_slot = EngineSlot(critic_factory, f"{settings.critic_model} (critic)")
+    reviews = ReviewStore(settings.model_dir / "reviews.sqlite3", settings.calibration_min_reviews)
+    predictor = Predictor(settings, slot, loader, prompts, sites, metrics, reviews, mapper, critic_slot)
     return Service(
         settings, slot, predictor, sites, ModelVersionSync(sites, settings.sync_project_model_version), metrics
     )

@@ -63,6 +63,11 @@ class Settings:
     box_min_side: int = 32
     text_encoder: str | None = None
     mapping_min_similarity: float = 0.45
+    critic: bool = True
+    critic_provider: str | None = None
+    critic_model: str | None = None
+    critic_base_url: str | None = None
+    calibration_min_reviews: int = 30
     log_level: str = "INFO"
 
     @property
@@ -150,6 +155,14 @@ class _Reader:
                 "MLLM_PROVIDER=openai needs OPENAI_BASE_URL; set it to the server's /v1 address, "
                 "e.g. http://localhost:8000/v1 (vLLM) or http://localhost:11434/v1 (Ollama)"
             )
+        if (
+            self.text("CRITIC_MODEL")
+            and self.text("CRITIC_PROVIDER") == "openai"
+            and not (self.text("CRITIC_BASE_URL") or openai_url)
+        ):
+            raise SettingsError(
+                "CRITIC_PROVIDER=openai needs CRITIC_BASE_URL (or OPENAI_BASE_URL); set it to the /v1 address"
+            )
         device = (self.text("MLLM_DEVICE") or "auto").lower()
         if not _DEVICE.match(device):
             raise SettingsError(f"MLLM_DEVICE={device!r} is not a device; set it to auto, cpu, cuda, cuda:N or mps")
@@ -209,5 +222,10 @@ class _Reader:
             box_min_side=self.integer("BOX_MIN_SIDE", 32, 1),
             text_encoder=self.text("TEXT_ENCODER"),
             mapping_min_similarity=self.number("MAPPING_MIN_SIMILARITY", 0.45, -1.0, 1.0),
+            critic=self.flag("CRITIC", True),
+            critic_provider=self.choice("CRITIC_PROVIDER", provider, PROVIDERS) if self.text("CRITIC_MODEL") else None,
+            critic_model=self.text("CRITIC_MODEL"),
+            critic_base_url=self.url("CRITIC_BASE_URL", example="http://localhost:8001/v1") or openai_url,
+            calibration_min_reviews=self.integer("CALIBRATION_MIN_REVIEWS", 30, 2),
             log_level=log_level,
         )

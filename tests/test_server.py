@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import threading
 
 import pytest
@@ -50,7 +51,9 @@ def test_three_boxes_on_one_image_in_one_request(make_client):
     [prediction] = response.get_json()["results"]
     assert [r["id"] for r in prediction["result"]] == ["b0", "b1", "b2"]
     assert all(r["value"]["rectanglelabels"][0] in {"Cat", "Dog"} for r in prediction["result"])
-    assert prediction["score"] == min(r["score"] for r in prediction["result"])
+    # the task's score is P(every label correct): the product of its regions' P(correct)
+    assert prediction["score"] == pytest.approx(math.prod(r["score"] for r in prediction["result"]))
+    assert "ascending" in prediction["score_meaning"]
 
 
 def test_one_bad_task_does_not_sink_the_others(make_client, label_studio):

@@ -33,6 +33,9 @@ def test_defaults_are_usable():
         ({**BASE, "MLLM_QUANTIZATION": "3bit"}, "MLLM_QUANTIZATION"),
         ({**BASE, "MLLM_OPTION_SCORING": "max"}, "MLLM_OPTION_SCORING"),
         ({**BASE, "OPENAI_SAMPLES": "0"}, "OPENAI_SAMPLES"),
+        ({**BASE, "CRITIC": "sometimes"}, "CRITIC"),
+        ({**BASE, "CRITIC_MODEL": "judge", "CRITIC_PROVIDER": "openai"}, "CRITIC_BASE_URL"),
+        ({**BASE, "CALIBRATION_MIN_REVIEWS": "1"}, "CALIBRATION_MIN_REVIEWS"),
     ],
 )
 def test_a_wrong_value_names_the_variable_and_the_fix(env, variable):

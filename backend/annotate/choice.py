@@ -16,6 +16,7 @@ class Choice:
     probability: float  # of ``label``, normalised over ``labels``
     labels: tuple[str, ...]
     probabilities: tuple[float, ...]  # one per label, summing to 1
+    mapped: float = 0.0  # share of the model's free-text answers that had to be mapped onto the label set
 
     @property
     def margin(self) -> float:
@@ -26,9 +27,12 @@ class Choice:
 
 def choose(engine: Engine, images: Sequence[Image.Image], prompt: str, labels: Sequence[str]) -> list[Choice]:
     """For each image, the most probable of ``labels`` as the answer to ``prompt``."""
-    probabilities = engine.score_options(images, prompt, labels).probabilities
+    scores = engine.score_options(images, prompt, labels)
+    mapped = scores.mapped if scores.mapped is not None else [0.0] * len(images)
     choices = []
-    for row in probabilities:
+    for row, share in zip(scores.probabilities, mapped, strict=True):
         best = int(row.argmax())
-        choices.append(Choice(labels[best], float(row[best]), tuple(labels), tuple(float(p) for p in row)))
+        choices.append(
+            Choice(labels[best], float(row[best]), tuple(labels), tuple(float(p) for p in row), float(share))
+        )
     return choices

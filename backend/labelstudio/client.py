@@ -95,3 +95,33 @@ class ModelVersionSync:
                 log.info("set project %s model_version to %s", pid, model_version)
         except Exception as exc:  # never let a sync failure touch a request
             log.warning("could not set project %s model_version (%s)", pid, type(exc).__name__)
+
+
+REVIEW_VIEW_TITLE = "Most suspicious first"
+
+
+def connect(url: str, api_key: str):
+    """A label-studio-sdk client (legacy token or personal access token)."""
+    from label_studio_sdk import LabelStudio
+
+    return LabelStudio(base_url=url, api_key=api_key, timeout=60)
+
+
+def prediction_scores(client, project: int, model_version: str) -> list[tuple[int, float]]:
+    """(task id, score) of every task that has a scored prediction from ``model_version``."""
+    scores = []
+    for task in client.tasks.list(project=project, fields="all"):
+        for prediction in getattr(task, "predictions", None) or []:
+            values = prediction if isinstance(prediction, dict) else prediction.__dict__
+            if values.get("model_version") == model_version and values.get("score") is not None:
+                scores.append((int(task.id), float(values["score"])))
+                break
+    return scores
+
+
+def create_review_view(client, project: int) -> int:
+    """A saved Data Manager tab ordered by prediction score, ascending: most suspicious first."""
+    view = client.views.create(
+        project=project, data={"title": REVIEW_VIEW_TITLE, "ordering": ["tasks:predictions_score"]}
+    )
+    return int(view.id)

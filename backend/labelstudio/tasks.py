@@ -31,3 +31,23 @@ def project_id(project: object) -> int | None:
     """Label Studio sends the project as "<id>.<created_at epoch>"."""
     head = str(project or "").split(".", 1)[0]
     return int(head) if head.isdigit() else None
+
+
+def annotation_event(action: str, body: dict[str, Any]) -> tuple[int, int, list[dict] | None] | None:
+    """(project id, task id, final result) of an annotation webhook; result None when it was deleted or skipped."""
+    if action not in {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATION_DELETED",
+                      "ANNOTATIONS_DELETED"}:  # fmt: skip
+        return None
+    annotation = body.get("annotation") or (body.get("annotations") or [None])[0]
+    if not isinstance(annotation, dict):
+        return None
+    project = body.get("project")
+    project_number = project.get("id") if isinstance(project, dict) else annotation.get("project")
+    task = annotation.get("task")
+    task_id = task.get("id") if isinstance(task, dict) else task
+    if not isinstance(project_number, int) or not isinstance(task_id, int):
+        return None
+    if action.endswith("DELETED") or annotation.get("was_cancelled"):
+        return project_number, task_id, None
+    result = annotation.get("result")
+    return project_number, task_id, result if isinstance(result, list) else []

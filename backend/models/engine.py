@@ -32,6 +32,7 @@ class OptionScores:
 
     options: tuple[str, ...]
     logprobs: np.ndarray  # shape (n_images, n_options)
+    mapped: np.ndarray | None = None  # per image: share of free-text answers mapped onto an option
 
     @property
     def probabilities(self) -> np.ndarray:

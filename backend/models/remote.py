@@ -212,9 +212,11 @@ class OpenAIEngine:
         if not options:
             raise EngineError("no options to score")
         rows = list(self._pool.map(lambda image: self._score_one(image, prompt, options), images))
-        return OptionScores(options=tuple(options), logprobs=np.vstack(rows) if rows else np.empty((0, len(options))))
+        logprobs = np.vstack([row for row, _ in rows]) if rows else np.empty((0, len(options)))
+        return OptionScores(options=tuple(options), logprobs=logprobs, mapped=np.array([m for _, m in rows]))
 
-    def _score_one(self, image: Image.Image, prompt: str, options: Sequence[str]) -> np.ndarray:
+    def _score_one(self, image: Image.Image, prompt: str, options: Sequence[str]) -> tuple[np.ndarray, float]:
+        """Scores for one image, and the share of its answers that were mapped from out-of-set text."""
         lettered = len(options) <= len(LETTERS)
         question = lettered_question(prompt, options) if lettered else prompt
         if lettered and self._has_logprobs is not False:
@@ -222,7 +224,7 @@ class OpenAIEngine:
             scores = _letter_logprobs(first, len(options))
             if scores is not None:
                 self._has_logprobs = True
-                return scores
+                return scores, 0.0
             if self._has_logprobs is None:
                 log.warning(
                     "the model server at %s returns no log-probabilities: scoring by sampling agreement "
@@ -239,13 +241,15 @@ class OpenAIEngine:
             for seed in range(1, self.samples)
         ]
         counts = np.zeros(len(options))
+        mapped = 0
         for answer in answers:
             index = match_answer(answer, options, lettered)
             if index is None and self.map_answer is not None and answer.strip():
                 index = self.map_answer(answer, options)  # an out-of-set answer moves to the nearest label
+                mapped += index is not None
             if index is not None:
                 counts[index] += 1
-        return np.log((counts + SMOOTHING) / (len(answers) + SMOOTHING * len(options)))
+        return np.log((counts + SMOOTHING) / (len(answers) + SMOOTHING * len(options))), mapped / len(answers)
 
     def generate(self, images: Sequence[Image.Image], prompt: str, max_new_tokens: int = 32) -> list[Generation]:
         def one(image: Image.Image) -> Generation:

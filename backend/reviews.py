@@ -1,0 +1,104 @@
+"""What happened to our labels in review, per project, and the calibrators fitted from it.
+
+Predicted labels (with their raw suspicion scores) are recorded when the backend predicts;
+Label Studio's annotation webhooks then say which of them a human kept. Stored in SQLite
+under ``MODEL_DIR`` so it survives restarts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from backend.annotate.suspicion import Calibrator, cross_fitted_ece, expected_calibration_error
+from backend.labelstudio.review import PredictedLabel, review_outcomes
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predicted (
+    project INTEGER, task INTEGER, region TEXT, control TEXT, label TEXT, raw REAL, model_version TEXT, at REAL,
+    PRIMARY KEY (project, task, region, control, label));
+CREATE TABLE IF NOT EXISTS reviewed (
+    project INTEGER, task INTEGER, region TEXT, control TEXT, label TEXT, raw REAL, survived INTEGER, at REAL,
+    PRIMARY KEY (project, task, region, control, label));
+"""
+
+
+class ReviewStore:
+    def __init__(self, path: Path, min_reviews: int = 30) -> None:
+        self.path = Path(path)
+        self.min_reviews = min_reviews
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        self._calibrators: dict[int, tuple[int, Calibrator]] = {}
+
+    def record_predictions(self, project: int, model_version: str, labels: Sequence[PredictedLabel]) -> None:
+        rows = [(project, p.task, p.region, p.control, p.label, p.raw, model_version, time.time()) for p in labels]
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO predicted VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def record_annotation(self, project: int, task: int, result: Sequence[dict[str, Any]]) -> int:
+        """Record which of our labels for ``task`` the human kept; returns how many were judged."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT task, region, control, label, raw FROM predicted WHERE project = ? AND task = ?",
+                (project, task),
+            ).fetchall()
+            outcomes = review_outcomes([PredictedLabel(*row) for row in rows], result)
+            self._db.execute("DELETE FROM reviewed WHERE project = ? AND task = ?", (project, task))
+            self._db.executemany(
+                "INSERT INTO reviewed VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (project, p.task, p.region, p.control, p.label, p.raw, int(kept), time.time())
+                    for p, kept in outcomes
+                ],
+            )
+        return len(outcomes)
+
+    def forget_task(self, project: int, task: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM reviewed WHERE project = ? AND task = ?", (project, task))
+
+    def outcomes(self, project: int) -> tuple[list[float], list[bool]]:
+        with self._lock:
+            rows = self._db.execute("SELECT raw, survived FROM reviewed WHERE project = ?", (project,)).fetchall()
+        return [r[0] for r in rows], [bool(r[1]) for r in rows]
+
+    def calibrator(self, project: int | None) -> Calibrator | None:
+        """The project's fitted calibrator, or None while it has fewer than ``min_reviews`` reviewed labels."""
+        if project is None:
+            return None
+        scores, kept = self.outcomes(project)
+        if len(scores) < self.min_reviews or len(set(kept)) < 2:
+            return None
+        cached = self._calibrators.get(project)
+        if cached is None or cached[0] != len(scores):
+            cached = (len(scores), Calibrator().fit(scores, kept))
+            self._calibrators[project] = cached
+        return cached[1]
+
+    def calibrated_projects(self) -> list[str]:
+        """Projects with enough review data to calibrate (a cheap count, for /health)."""
+        with self._lock:
+            rows = self._db.execute("SELECT project, COUNT(*), SUM(survived) FROM reviewed GROUP BY project").fetchall()
+        return [str(project) for project, count, kept in rows if count >= self.min_reviews and 0 < kept < count]
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            projects = [r[0] for r in self._db.execute("SELECT DISTINCT project FROM reviewed").fetchall()]
+        report = {}
+        for project in projects:
+            scores, kept = self.outcomes(project)
+            entry: dict[str, Any] = {"reviewed_labels": len(scores), "survival_rate": round(sum(kept) / len(kept), 4)}
+            if self.calibrator(project) is not None:
+                entry.update(calibrated=True, ece_raw=round(expected_calibration_error(scores, kept), 4),
+                             ece_calibrated=round(cross_fitted_ece(scores, kept), 4))  # fmt: skip
+            else:
+                entry.update(calibrated=False, needs=f"{self.min_reviews} reviewed labels with both outcomes")
+            report[str(project)] = entry
+        return report
