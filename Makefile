@@ -6,7 +6,7 @@ TINY   ?= models/tiny-llava
 HOST   ?= 127.0.0.1
 PORT   ?= 9090
 
-.PHONY: install serve test lint tiny-model bench clean
+.PHONY: install serve test lint tiny-model bench demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,5 +46,9 @@ test: install lint
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/mllm-backend bench --out bench-results/engine.json
 
+# Offline demo: Label Studio + this backend + a sample project, until Ctrl-C.
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/mllm-backend demo
+
 clean:
-	rm -rf $(VENV) models .pytest_cache .ruff_cache
+	rm -rf $(VENV) models .demo .pytest_cache .ruff_cache

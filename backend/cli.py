@@ -57,30 +57,6 @@ def serve(host: str, port: int, threads: int) -> None:
     _Gunicorn().run()
 
 
-def review_plan(project: int, budget: float | None, target: float | None, create_view: bool) -> None:
-    import json
-
-    from backend.labelstudio.client import connect, create_review_view, prediction_scores
-    from backend.predictor import model_version
-    from backend.prompts import PromptBook
-    from backend.review_plan import plan_review
-
-    settings = _load_settings()
-    if not settings.label_studio_url or not settings.label_studio_api_key:
-        print("mllm-backend: review-plan needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
-        raise SystemExit(2)
-    client = connect(settings.label_studio_url, settings.label_studio_api_key)
-    version = model_version(settings, PromptBook(settings.prompts_dir))
-    report = {
-        "project": project,
-        "model_version": version,
-        **plan_review(prediction_scores(client, project, version), budget, target).as_dict(),
-    }
-    if create_view:
-        report["view_id"] = create_review_view(client, project)
-    print(json.dumps(report, indent=2))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mllm-backend", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +90,17 @@ def main(argv: list[str] | None = None) -> None:
     amount.add_argument("--target", type=float, help="fraction of expected errors to catch, e.g. 0.9")
     plan.add_argument("--create-view", action="store_true", help="also save a Data Manager tab sorted by suspicion")
 
+    demo = commands.add_parser(
+        "demo",
+        help="offline demo: a local Label Studio with a sample project labelled by this backend",
+        description="Starts Label Studio 1.23.2 (installed into its own virtualenv on first use) and the backend, "
+        "creates a demo project from bundled images with boxes, retrieves predictions, and runs until Ctrl-C. "
+        "Without MLLM_MODEL it serves a tiny RANDOM checkpoint: its labels are random.",
+    )
+    demo.add_argument("--workdir", type=Path, default=Path(".demo"), help="where Label Studio's data goes")
+    demo.add_argument("--port", type=int, default=8080, help="Label Studio's port (default 8080)")
+    demo.add_argument("--backend-port", type=int, default=9090, help="the backend's port (default 9090)")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.host, args.port, args.threads)
@@ -123,8 +110,14 @@ def main(argv: list[str] | None = None) -> None:
         out = build_tiny_checkpoint(args.dir, args.arch, args.seed)
         print(f"wrote a tiny random {args.arch} checkpoint to {out} (random weights: its labels are random)")
         print(f"serve it with: MLLM_MODEL={out} mllm-backend serve")
+    elif args.command == "demo":
+        from backend.labelstudio.devstack import run_demo
+
+        run_demo(args.workdir, args.port, args.backend_port)
     elif args.command == "review-plan":
-        review_plan(args.project, args.budget, args.target, args.create_view)
+        from backend.review_plan import run_review_plan
+
+        run_review_plan(_load_settings(), args.project, args.budget, args.target, args.create_view)
     elif args.command == "bench":
         from backend.bench import main as bench_main
 

@@ -6,9 +6,13 @@ probability). Reviewing tasks in ascending score order, the first k catch Σ (1 
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+
+from backend.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -51,3 +55,26 @@ def plan_review(
         caught_fraction=round(caught / total, 4) if total else 1.0,
         first_task_ids=tuple(task for task, _ in ordered[:count][:20]),
     )
+
+
+def run_review_plan(
+    settings: Settings, project: int, budget: float | None, target: float | None, create_view: bool
+) -> None:
+    """`mllm-backend review-plan`: read the project's scores through the SDK and print the plan as JSON."""
+    from backend.labelstudio.client import connect, create_review_view, prediction_scores
+    from backend.predictor import model_version
+    from backend.prompts import PromptBook
+
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        print("mllm-backend: review-plan needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
+        raise SystemExit(2)
+    client = connect(settings.label_studio_url, settings.label_studio_api_key)
+    version = model_version(settings, PromptBook(settings.prompts_dir))
+    report = {
+        "project": project,
+        "model_version": version,
+        **plan_review(prediction_scores(client, project, version), budget, target).as_dict(),
+    }
+    if create_view:
+        report["view_id"] = create_review_view(client, project)
+    print(json.dumps(report, indent=2))

@@ -135,7 +135,10 @@ def create_app(service: Service) -> Flask:
             return _error(str(exc), 503, **{"Retry-After": RETRY_AFTER_SECONDS})
         except PromptError as exc:
             return _error(str(exc), 500)
-        return jsonify({"results": results, "model_version": predictor.model_version()})
+        version = predictor.model_version()
+        if any(isinstance(r, dict) and "result" in r for r in results):
+            service.version_sync.request(str(body.get("project") or ""), version)
+        return jsonify({"results": results, "model_version": version})
 
     @app.post("/webhook")
     def webhook() -> Response:

@@ -13,7 +13,6 @@ from backend.labelstudio.auth import LabelStudioAuth
 from backend.labelstudio.tasks import project_id
 
 log = logging.getLogger(__name__)
-SYNC_INTERVAL_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -61,13 +60,18 @@ class ModelVersionSync:
 
     Label Studio averages ``prediction.score`` only over predictions whose model_version
     equals the project's, and connecting a backend sets the project's to the backend's
-    title. Runs in the background (``/setup`` has a 3 s budget), at most every 30 s per project.
+    title. Label Studio refuses a model_version that neither a connected backend nor a
+    stored prediction carries yet, so the check runs after ``/setup`` and after each
+    ``/predict`` (whose predictions Label Studio stores a moment later), retrying with
+    backoff. It runs in the background (``/setup`` has a 3 s budget), one per project at a time.
     """
+
+    RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
 
     def __init__(self, sites: LabelStudioSites, enabled: bool = True) -> None:
         self._sites = sites
         self._enabled = enabled
-        self._last: dict[tuple[str, str], float] = {}
+        self._running: set[str] = set()
         self._lock = threading.Lock()
 
     def request(self, project: str, model_version: str) -> threading.Thread | None:
@@ -76,25 +80,30 @@ class ModelVersionSync:
         if not self._enabled or pid is None or site is None or not site.has_key:
             return None
         with self._lock:
-            key = (project, model_version)
-            if time.monotonic() - self._last.get(key, -SYNC_INTERVAL_SECONDS) < SYNC_INTERVAL_SECONDS:
+            if project in self._running:
                 return None
-            self._last[key] = time.monotonic()
-        thread = threading.Thread(target=self._sync, args=(site, pid, model_version), daemon=True)
+            self._running.add(project)
+        thread = threading.Thread(target=self._sync, args=(project, site, pid, model_version), daemon=True)
         thread.start()
         return thread
 
-    @staticmethod
-    def _sync(site: LabelStudioAuth, pid: int, model_version: str) -> None:
-        from label_studio_sdk import LabelStudio
-
+    def _sync(self, project: str, site: LabelStudioAuth, pid: int, model_version: str) -> None:
         try:
-            client = LabelStudio(base_url=site.base_url, api_key=site.api_key, timeout=10)
-            if client.projects.get(pid).model_version != model_version:
-                client.projects.update(id=pid, model_version=model_version)
-                log.info("set project %s model_version to %s", pid, model_version)
-        except Exception as exc:  # never let a sync failure touch a request
-            log.warning("could not set project %s model_version (%s)", pid, type(exc).__name__)
+            client = connect(site.base_url, site.api_key or "")
+            for delay in (*self.RETRY_DELAYS, None):
+                try:
+                    if client.projects.get(pid).model_version != model_version:
+                        client.projects.update(id=pid, model_version=model_version)
+                        log.info("set project %s model_version to %s", pid, model_version)
+                    return
+                except Exception as exc:  # never let a sync failure touch a request
+                    if delay is None:
+                        log.warning("could not set project %s model_version (%s)", pid, type(exc).__name__)
+                        return
+                    time.sleep(delay)
+        finally:
+            with self._lock:
+                self._running.discard(project)
 
 
 REVIEW_VIEW_TITLE = "Most suspicious first"

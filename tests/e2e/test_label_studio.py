@@ -1,0 +1,191 @@
+"""Everything a user does, between a real Label Studio 1.23.2 and this backend, asserted on what Label Studio stores."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from label_studio_sdk.label_interface import LabelInterface
+
+from backend.labelstudio.devstack import (
+    Stack,
+    add_local_files,
+    connect_backend,
+    retrieve_predictions,
+    upload_images,
+)
+from tests.e2e.conftest import IMAGES
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "label_config").glob("*.xml"))
+
+
+def backend_version(stack: Stack) -> str:
+    return requests.get(f"{stack.backend_url}/versions", timeout=5).json()["model_version"]
+
+
+def predictions_of(client, project: int) -> dict[int, list[dict]]:
+    tasks = client.tasks.list(project=project, fields="all")
+    return {int(t.id): [p if isinstance(p, dict) else p.dict() for p in (t.predictions or [])] for t in tasks}
+
+
+def draw_boxes(client, config: str, task_ids: list[int]) -> None:
+    """A person draws two boxes on each task and submits (placeholder label for <RectangleLabels>)."""
+    controls = [c for c in LabelInterface(config).controls if c.tag in {"RectangleLabels", "Rectangle"}]
+    for task in task_ids:
+        result = []
+        for control in controls:
+            for k in range(2):
+                value = {"x": 8 + 45 * k, "y": 15, "width": 35, "height": 50, "rotation": 0}
+                if control.tag == "RectangleLabels":
+                    value["rectanglelabels"] = [control.labels[-1]]
+                result.append({"id": f"t{task}-{control.name}-{k}", "from_name": control.name,
+                               "to_name": control.to_name[0], "type": control.tag.lower(),
+                               "original_width": 160, "original_height": 120, "value": value})  # fmt: skip
+        if result:
+            client.annotations.create(id=task, result=result, was_cancelled=False)
+
+
+def make_project(client, stack: Stack, config_path: Path) -> tuple[int, list[int]]:
+    """Create the project, import one uploaded and one local-files image, draw boxes, connect the backend."""
+    config = config_path.read_text()
+    project = int(client.projects.create(title=config_path.stem, label_config=config).id)
+    upload_images(stack, project, IMAGES[:1])
+    add_local_files(client, stack, project, IMAGES[1:2], folder=f"p{project}")
+    task_ids = sorted(int(t.id) for t in client.tasks.list(project=project))
+    assert len(task_ids) == 2
+    data = {int(t.id): t.data["image"] for t in client.tasks.list(project=project)}
+    assert any("/data/upload/" in url for url in data.values()) and any("local-files" in url for url in data.values())
+    draw_boxes(client, config, task_ids)
+    connect_backend(client, stack, project)
+    return project, task_ids
+
+
+@pytest.fixture(scope="module")
+def boxes_project(client, stack) -> dict:
+    project, task_ids = make_project(client, stack, Path(CONFIGS[0]).parent / "boxes.xml")
+    return {"id": project, "tasks": task_ids}
+
+
+@pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.name)
+def test_retrieve_predictions_stores_one_scored_prediction_per_task(client, stack, config_path):
+    project, task_ids = make_project(client, stack, config_path)
+    retrieve_predictions(client, project, task_ids[:1])  # a Data Manager selection first
+    stored = predictions_of(client, project)
+    assert len(stored[task_ids[0]]) == 1 and stored[task_ids[1]] == []
+    retrieve_predictions(client, project)  # then all tasks
+    retrieve_predictions(client, project)  # a second retrieval must not duplicate
+    version = backend_version(stack)
+    for task, predictions in predictions_of(client, project).items():
+        assert len(predictions) == 1, f"task {task}: {predictions}"
+        [prediction] = predictions
+        assert prediction["model_version"] == version
+        assert 0.0 <= prediction["score"] <= 1.0
+        only_tags = all(c.tag == "Choices" and c.attr.get("choice") == "multiple"
+                        for c in LabelInterface(config_path.read_text()).controls)  # fmt: skip
+        assert prediction["result"] or only_tags, f"{config_path.name} task {task} got an empty prediction"
+
+
+def test_a_box_drawn_in_the_editor_gets_a_label_back(client, stack, boxes_project):
+    [ml] = [m for m in client.ml.list(project=boxes_project["id"])]
+    value = {"x": 20, "y": 20, "width": 30, "height": 30, "rotation": 0, "rectanglelabels": ["Other"]}
+    box = {"id": "just-drawn", "from_name": "label", "to_name": "image", "type": "rectanglelabels",
+           "original_width": 160, "original_height": 120, "value": value}  # fmt: skip
+    response = requests.post(
+        f"{stack.label_studio_url}/api/ml/{ml.id}/interactive-annotating",
+        headers={"Authorization": f"Token {stack.token}"},
+        json={"task": boxes_project["tasks"][0], "context": {"result": [box]}},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    [region] = response.json()["data"]["result"]
+    assert region["id"] == "just-drawn"
+    labels = LabelInterface((Path(CONFIGS[0]).parent / "boxes.xml").read_text()).get_control("label").labels
+    assert region["value"]["rectanglelabels"][0] in labels
+
+
+def test_prediction_score_ordering_is_ascending_suspicion_with_no_manual_step(client, stack, boxes_project):
+    retrieve_predictions(client, boxes_project["id"])
+    version = backend_version(stack)
+    deadline = time.monotonic() + 30
+    while client.projects.get(boxes_project["id"]).model_version != version and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert client.projects.get(boxes_project["id"]).model_version == version
+    response = requests.get(
+        f"{stack.label_studio_url}/api/tasks/",
+        headers={"Authorization": f"Token {stack.token}"},
+        params={
+            "project": boxes_project["id"],
+            "fields": "all",
+            "query": json.dumps({"ordering": ["tasks:predictions_score"]}),
+        },  # fmt: skip
+        timeout=30,
+    )
+    tasks = response.json()["tasks"]
+    scores = [t["predictions_score"] for t in tasks]
+    assert None not in scores and scores == sorted(scores)
+    assert len(tasks) == len(boxes_project["tasks"])
+
+
+def test_review_plan_reads_the_scores_and_saves_a_suspicion_view(client, stack, boxes_project, capsys):
+    from backend.review_plan import run_review_plan
+    from backend.settings import Settings
+
+    model = requests.get(f"{stack.backend_url}/health", timeout=5).json()["model"]
+    settings = Settings.from_env(
+        {"MLLM_MODEL": model, "LABEL_STUDIO_URL": stack.label_studio_url, "LABEL_STUDIO_API_KEY": stack.token}
+    )
+    run_review_plan(settings, boxes_project["id"], budget=0.5, target=None, create_view=True)
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["model_version"] == backend_version(stack)
+    assert plan["tasks"] == len(boxes_project["tasks"]) and plan["review"] == 1
+    [view] = [v for v in client.views.list(project=boxes_project["id"]) if v.id == plan["view_id"]]
+    assert view.data["ordering"] == ["tasks:predictions_score"]
+
+
+def test_reviewed_annotations_reach_the_backend_as_review_outcomes(client, stack, boxes_project):
+    task = boxes_project["tasks"][0]
+    [prediction] = predictions_of(client, boxes_project["id"])[task]
+    [annotation] = client.annotations.list(id=task)
+    reviewed = [dict(region) for region in prediction["result"]]
+    first = reviewed[0]["value"]["rectanglelabels"][0]
+    reviewed[0]["value"] = {**reviewed[0]["value"], "rectanglelabels": ["Dog" if first != "Dog" else "Cat"]}
+    client.annotations.update(id=annotation.id, result=reviewed)  # the reviewer fixes one label, keeps the other
+    calibration = requests.get(f"{stack.backend_url}/versions", timeout=5).json()["calibration"]
+    entry = calibration[str(boxes_project["id"])]
+    assert entry["reviewed_labels"] == 2 and entry["survival_rate"] == 0.5
+
+
+def test_export_holds_our_predictions_and_the_human_annotations(client, stack, boxes_project):
+    response = requests.get(
+        f"{stack.label_studio_url}/api/projects/{boxes_project['id']}/export",
+        headers={"Authorization": f"Token {stack.token}"},
+        params={"exportType": "JSON"},
+        timeout=60,
+    )
+    exported = {t["id"]: t for t in response.json()}
+    stored = predictions_of(client, boxes_project["id"])
+    version = backend_version(stack)
+    for task in boxes_project["tasks"]:
+        assert exported[task]["annotations"][0]["result"], "the human's boxes"
+        ids = [p if isinstance(p, int) else p["id"] for p in exported[task]["predictions"]]
+        ours = [p["id"] for p in stored[task] if p["model_version"] == version]
+        assert ours and set(ours) <= set(ids)
+
+
+def test_the_demo_project_is_listed_with_predictions_from_our_backend(client, stack):
+    from backend.labelstudio.devstack import create_demo_project
+
+    project = create_demo_project(client, stack, title="demo (e2e)")
+    listed = requests.get(f"{stack.label_studio_url}/api/projects/", headers={"Authorization": f"Token {stack.token}"},
+                          timeout=30).json()["results"]  # fmt: skip
+    assert project in [p["id"] for p in listed]
+    stored = predictions_of(client, project)
+    assert len(stored) == 6
+    version = backend_version(stack)
+    for predictions in stored.values():
+        assert [p["model_version"] for p in predictions] == [version]
+        boxes = [r for r in predictions[0]["result"] if r["type"] == "rectanglelabels"]
+        assert len(boxes) == 3
