@@ -70,7 +70,13 @@ def main(argv: list[str] | None = None) -> None:
         "tiny-model", help="write a tiny random checkpoint for offline demos/tests", description=TINY_HELP
     )
     tiny.add_argument("dir", help="output directory")
-    tiny.add_argument("--arch", choices=["llava", "idefics3"], default="llava", help="architecture (default llava)")
+    tiny.add_argument(
+        "--arch",
+        choices=["llava", "idefics3", "vit"],
+        default="llava",
+        help="llava or idefics3: an MLLM for MLLM_MODEL; vit: an image backbone for CLASSIFIER_BACKBONE "
+        "(default llava)",
+    )
     tiny.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
 
     bench = commands.add_parser("bench", help="measure the engine on a tiny offline checkpoint; prints JSON")
@@ -101,6 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--port", type=int, default=8080, help="Label Studio's port (default 8080)")
     demo.add_argument("--backend-port", type=int, default=9090, help="the backend's port (default 9090)")
 
+    commands.add_parser("worker", help="run an rq worker for training and pre-annotation jobs (needs REDIS_URL)")
+    pre = commands.add_parser("preannotate", help="queue pre-annotation of a whole project (or some tasks)")
+    pre.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    pre.add_argument("--tasks", type=int, nargs="*", help="only these task ids")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.host, args.port, args.threads)
@@ -110,6 +121,21 @@ def main(argv: list[str] | None = None) -> None:
         out = build_tiny_checkpoint(args.dir, args.arch, args.seed)
         print(f"wrote a tiny random {args.arch} checkpoint to {out} (random weights: its labels are random)")
         print(f"serve it with: MLLM_MODEL={out} mllm-backend serve")
+    elif args.command == "worker":
+        from backend.jobs import run_worker
+
+        settings = _load_settings()
+        _configure_logging(settings.log_level)
+        run_worker(settings)
+    elif args.command == "preannotate":
+        from backend.jobs import RedisJobs
+
+        settings = _load_settings()
+        if not settings.redis_url:
+            print("mllm-backend preannotate queues work for `mllm-backend worker` and needs REDIS_URL; without Redis, "
+                  'POST {"project": N} to the running backend\'s /jobs/preannotate', file=sys.stderr)  # fmt: skip
+            raise SystemExit(2)
+        print(RedisJobs(settings).preannotate(args.project, args.tasks))
     elif args.command == "demo":
         from backend.labelstudio.devstack import run_demo
 

@@ -53,6 +53,7 @@ from backend.models.slot import EngineSlot
 from backend.prompts import PromptBook
 from backend.reviews import ReviewStore
 from backend.settings import Settings
+from backend.training.versions import VersionStore
 
 log = logging.getLogger(__name__)
 SCORING = "options-v3"  # bump when the way answers are scored changes
@@ -162,6 +163,7 @@ class Predictor:
         reviews: ReviewStore,
         mapper: LabelMapper | None = None,
         critic_slot: EngineSlot | None = None,
+        versions: VersionStore | None = None,
     ) -> None:
         self.settings = settings
         self.slot = slot
@@ -172,6 +174,7 @@ class Predictor:
         self.reviews = reviews
         self.mapper = mapper
         self.critic_slot = critic_slot
+        self.versions = versions
 
     def model_version(self) -> str:
         return model_version(self.settings, self.prompts)
@@ -330,9 +333,10 @@ class Predictor:
     def _score(self, engine: Engine, judged: list[_Judged], project: int | None) -> None:
         """Critic pass, fusion, calibration: each judged label's P(correct) and its region's score."""
         verdicts = self._critic(engine, judged)
+        agreement = self._classifier_agreement(judged, project)
         calibrator = self.reviews.calibrator(project)
-        for item, verdict in zip(judged, verdicts, strict=True):
-            signals = replace(item.signals, critic=verdict)
+        for item, verdict, classifier in zip(judged, verdicts, agreement, strict=True):
+            signals = replace(item.signals, critic=verdict, classifier=classifier)
             item.raw = fuse(signals)
             item.p_correct = calibrator(item.raw) if calibrator is not None else item.raw
         regions: dict[int, list[_Judged]] = defaultdict(list)
@@ -353,6 +357,25 @@ class Predictor:
             self.metrics.task_errors.labels(reason="critic").inc()
             return [None] * len(judged)
         return [float(v) for v in verdicts]
+
+    def _classifier_agreement(self, judged: list[_Judged], project: int | None) -> list[float | None]:
+        """The project's trained classifier's probability for each label (confident learning's self-confidence)."""
+        agreement: list[float | None] = [None] * len(judged)
+        if self.versions is None or project is None:
+            return agreement
+        for control, items in _group(list(enumerate(judged)), lambda pair: pair[1].control).items():
+            try:
+                classifier = self.versions.classifier(project, control)
+                if classifier is None:
+                    continue
+                probabilities = classifier.predict_proba([item.image for _, item in items])
+            except Exception as exc:  # a broken classifier must not stop predictions
+                log.warning("classifier for project %s/%s failed (%s)", project, control, _describe(exc))
+                continue
+            for (index, item), row in zip(items, probabilities, strict=True):
+                if item.label in classifier.labels:
+                    agreement[index] = float(row[classifier.labels.index(item.label)])
+        return agreement
 
     def _remember(self, project: int | None, version: str, outcomes: list[_Outcome]) -> None:
         """Keep each predicted label's raw score, to learn from review which scores mean what."""

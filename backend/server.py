@@ -9,6 +9,7 @@ from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 
+from backend.jobs import QueueUnavailable
 from backend.labelstudio.client import SetupInfo
 from backend.labelstudio.config import UnsupportedConfig, parse_label_config
 from backend.labelstudio.tasks import annotation_event
@@ -46,6 +47,16 @@ def record_review(reviews, action: str, body: dict[str, Any]) -> int:
         reviews.forget_task(project, task)
         return 0
     return reviews.record_annotation(project, task, result)
+
+
+def queue_training(jobs, action: str, body: dict[str, Any]) -> str | None:
+    """Annotation events (debounced) and "Start training" (at once) queue a training run."""
+    if action == "START_TRAINING":
+        project = body.get("project")
+        project_number = project.get("id") if isinstance(project, dict) else project
+        return jobs.train_now(int(project_number)) if isinstance(project_number, int) else None
+    event = annotation_event(action, body)
+    return jobs.annotation_event(event[0]) if event is not None else None
 
 
 def create_app(service: Service) -> Flask:
@@ -97,6 +108,7 @@ def create_app(service: Service) -> Flask:
             "model_version": predictor.model_version(),
             # Projects whose scores are calibrated on their own review outcomes; elsewhere scores are raw fusions.
             "calibrated_projects": predictor.reviews.calibrated_projects(),
+            "jobs": service.jobs.kind,  # "redis": rq workers; "in-process": a thread of this server
         }
         if state == "failed":
             return jsonify({**body, "status": "DOWN", "error": service.slot.error}), 503
@@ -147,13 +159,41 @@ def create_app(service: Service) -> Flask:
             return body
         action = str(body.get("action") or "")
         judged = record_review(predictor.reviews, action, body)
-        log.info("webhook %s acknowledged (%d predicted labels judged)", action or "(no action)", judged)
-        return jsonify({"status": "ok", "action": action, "judged_labels": judged})
+        try:
+            job = queue_training(service.jobs, action, body)
+        except QueueUnavailable as exc:
+            log.error("webhook %s: %s", action, exc)
+            return _error(f"{exc}; the event was not queued, retry it or press Start training", 503)
+        log.info("webhook %s acknowledged (%d labels judged, job %s)", action or "(no action)", judged, job)
+        return jsonify({"status": "ok", "action": action, "judged_labels": judged, "job": job})
+
+    @app.get("/jobs/<job_id>")
+    def job_status(job_id: str) -> Response:
+        try:
+            status = service.jobs.status(job_id)
+        except QueueUnavailable as exc:
+            return _error(str(exc), 503)
+        return jsonify(status) if status is not None else _error(f"no job {job_id}", 404)
+
+    @app.post("/jobs/preannotate")
+    def preannotate() -> Response:
+        body = _json_object()
+        if isinstance(body, Response):
+            return body
+        project, tasks = body.get("project"), body.get("tasks")
+        if not isinstance(project, int) or not (tasks is None or all(isinstance(t, int) for t in tasks)):
+            return _error('send {"project": <id>, "tasks": [<task id>, ...] or omitted for all}', 400)
+        try:
+            return jsonify({"job": service.jobs.preannotate(project, tasks)})
+        except QueueUnavailable as exc:
+            return _error(str(exc), 503)
 
     @app.get("/versions")
     def versions() -> Response:
         version = predictor.model_version()
-        return jsonify({"versions": [version], "model_version": version, "calibration": predictor.reviews.status()})
+        classifiers = {str(p): service.versions.versions(p) for p in service.versions.projects()}
+        return jsonify({"versions": [version], "model_version": version, "calibration": predictor.reviews.status(),
+                        "classifiers": classifiers})  # fmt: skip
 
     @app.get("/metrics")
     def prometheus() -> Response:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from backend.annotate.mapping import LabelMapper
+from backend.jobs import LocalJobs, RedisJobs, make_queue
 from backend.labelstudio.client import LabelStudioSites, ModelVersionSync
 from backend.labelstudio.media import ImageLoader, MediaLimits
 from backend.metrics import Metrics
@@ -16,6 +17,7 @@ from backend.predictor import Predictor
 from backend.prompts import PromptBook
 from backend.reviews import ReviewStore
 from backend.settings import Settings
+from backend.training.versions import VersionStore
 
 
 @dataclass
@@ -26,6 +28,8 @@ class Service:
     sites: LabelStudioSites
     version_sync: ModelVersionSync
     metrics: Metrics
+    jobs: RedisJobs | LocalJobs
+    versions: VersionStore
 
 
 def engine_factory(
@@ -93,7 +97,8 @@ def build_service(settings: Settings, factory: Callable[[], Engine] | None = Non
         )
         critic_slot = EngineSlot(critic_factory, f"{settings.critic_model} (critic)")
     reviews = ReviewStore(settings.model_dir / "reviews.sqlite3", settings.calibration_min_reviews)
-    predictor = Predictor(settings, slot, loader, prompts, sites, metrics, reviews, mapper, critic_slot)
-    return Service(
-        settings, slot, predictor, sites, ModelVersionSync(sites, settings.sync_project_model_version), metrics
-    )
+    versions = VersionStore(settings.model_dir)  # MODEL_DIR/<project>/<version>/
+    predictor = Predictor(settings, slot, loader, prompts, sites, metrics, reviews, mapper, critic_slot, versions)
+    jobs = make_queue(settings, lambda: predictor)
+    sync = ModelVersionSync(sites, settings.sync_project_model_version)
+    return Service(settings, slot, predictor, sites, sync, metrics, jobs, versions)

@@ -68,6 +68,13 @@ class Settings:
     critic_model: str | None = None
     critic_base_url: str | None = None
     calibration_min_reviews: int = 30
+    redis_url: str | None = None
+    train_after_annotations: int = 10
+    train_debounce_seconds: float = 60.0
+    classifier_backbone: str = "google/vit-base-patch16-224-in21k"
+    training_epochs: int = 10
+    training_batch_size: int = 16
+    training_learning_rate: float = 1e-4
     log_level: str = "INFO"
 
     @property
@@ -113,6 +120,12 @@ class _Reader:
             bound = f"between {minimum} and {maximum}" if maximum is not None else f"≥ {minimum}"
             raise SettingsError(f"{name}={value} is out of range; set it to a number {bound}")
         return value
+
+    def redis_url(self) -> str | None:
+        raw = self.text("REDIS_URL")
+        if raw is not None and urlsplit(raw).scheme not in {"redis", "rediss", "unix"}:
+            raise SettingsError(f"REDIS_URL={raw!r} is not a Redis URL; set it like redis://127.0.0.1:6379/0")
+        return raw
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         value = (self.text(name) or default).lower()
@@ -227,5 +240,12 @@ class _Reader:
             critic_model=self.text("CRITIC_MODEL"),
             critic_base_url=self.url("CRITIC_BASE_URL", example="http://localhost:8001/v1") or openai_url,
             calibration_min_reviews=self.integer("CALIBRATION_MIN_REVIEWS", 30, 2),
+            redis_url=self.redis_url(),
+            train_after_annotations=self.integer("TRAIN_AFTER_ANNOTATIONS", 10, 1),
+            train_debounce_seconds=self.number("TRAIN_DEBOUNCE_SECONDS", 60.0, 0.0),
+            classifier_backbone=self.text("CLASSIFIER_BACKBONE") or "google/vit-base-patch16-224-in21k",
+            training_epochs=self.integer("TRAINING_EPOCHS", 10, 1),
+            training_batch_size=self.integer("TRAINING_BATCH_SIZE", 16, 1),
+            training_learning_rate=self.number("TRAINING_LEARNING_RATE", 1e-4, 1e-8, 1.0),
             log_level=log_level,
         )

@@ -36,6 +36,8 @@ def test_defaults_are_usable():
         ({**BASE, "CRITIC": "sometimes"}, "CRITIC"),
         ({**BASE, "CRITIC_MODEL": "judge", "CRITIC_PROVIDER": "openai"}, "CRITIC_BASE_URL"),
         ({**BASE, "CALIBRATION_MIN_REVIEWS": "1"}, "CALIBRATION_MIN_REVIEWS"),
+        ({**BASE, "REDIS_URL": "localhost:6379"}, "REDIS_URL"),
+        ({**BASE, "TRAINING_EPOCHS": "0"}, "TRAINING_EPOCHS"),
     ],
 )
 def test_a_wrong_value_names_the_variable_and_the_fix(env, variable):

@@ -138,6 +138,8 @@ def start_stack(
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(files_root),
         "ML_BLOCK_LOCAL_IP": "false",
         "SSRF_PROTECTION_ENABLED": "false",
+        "SENTRY_DSN": "",  # offline: no error reports to a hosted service
+        "FRONTEND_SENTRY_DSN": "",
         "PATH": f"{executable.parent}:{base_env.get('PATH', '')}",
     }
     label_studio = ManagedProcess(

@@ -2,8 +2,9 @@
 
 These exist for demos and tests on machines without a GPU or a model hub: the
 checkpoint is written with ``save_pretrained`` and read back through exactly the
-same ``AutoProcessor`` / ``AutoModelForImageTextToText`` path a real model takes.
-Its weights are random, so its labels are random too.
+same ``AutoProcessor`` / ``AutoModelForImageTextToText`` path a real model takes
+(``vit``: an image backbone for the downstream classifier, read through
+``AutoModelForImageClassification``). Its weights are random, so its labels are random too.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-Arch = Literal["llava", "idefics3"]
-ARCHES: tuple[Arch, ...] = ("llava", "idefics3")
+Arch = Literal["llava", "idefics3", "vit"]
+ARCHES: tuple[Arch, ...] = ("llava", "idefics3", "vit")
 
 COCO_CLASSES = (
     "person bicycle car motorcycle airplane bus train truck boat traffic light fire hydrant stop sign parking meter "
@@ -180,9 +181,19 @@ def _build_idefics3(out: Path, seed: int) -> None:
     _save(Idefics3ForConditionalGeneration, config, processor, out, seed)
 
 
+def _build_vit(out: Path, seed: int) -> None:
+    """An image backbone (no head) for the downstream classifier: CLASSIFIER_BACKBONE=DIR."""
+    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+
+    config = ViTConfig(**{k: v for k, v in _VISION.items()}, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(out)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(out)
+
+
 def build_tiny_checkpoint(out_dir: str | Path, arch: Arch = "llava", seed: int = 0) -> Path:
     """Write a tiny random-weight checkpoint (model + processor) to ``out_dir``."""
-    builders = {"llava": _build_llava, "idefics3": _build_idefics3}
+    builders = {"llava": _build_llava, "idefics3": _build_idefics3, "vit": _build_vit}
     if arch not in builders:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHES)}")
     out = Path(out_dir)

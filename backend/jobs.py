@@ -1,0 +1,354 @@
+"""Background work: retraining after annotations, and pre-annotating whole projects.
+
+With ``REDIS_URL`` the work goes to rq workers (``mllm-backend worker``, any number, on any
+machine). Without it an in-process worker thread does it, so a laptop demo works; ``/health``
+says which.
+
+Retraining is debounced per project: the first annotation event schedules a run
+``TRAIN_DEBOUNCE_SECONDS`` later, or at once when ``TRAIN_AFTER_ANNOTATIONS`` events have
+piled up; later events join that pending run, so a project has at most one pending training.
+``START_TRAINING`` (Label Studio's "Start training" button) runs one now.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any, Protocol
+
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+QUEUE_NAME = "mllm-backend"
+STALE_SECONDS = 20.0  # a started job whose heartbeat is older than this has lost its worker
+JOB_TIMEOUT = 6 * 3600
+Reporter = Callable[[float, str], None]
+
+
+class QueueUnavailable(RuntimeError):
+    """The job queue cannot take work; the message says why (never with credentials)."""
+
+
+class JobQueue(Protocol):
+    kind: str
+
+    def annotation_event(self, project: int) -> str | None: ...
+    def train_now(self, project: int) -> str: ...
+    def preannotate(self, project: int, task_ids: list[int] | None = None) -> str: ...
+    def status(self, job_id: str) -> dict[str, Any] | None: ...
+
+
+# --- the work itself (runs in a worker) ------------------------------------------------------
+
+_services: dict[str, Any] = {}
+
+
+def _service(settings: Settings):
+    """The worker's predictor (model loaded once per worker process, on its first pre-annotation)."""
+    from backend.service import build_service
+
+    if "service" not in _services:
+        _services["service"] = build_service(settings)
+    return _services["service"]
+
+
+def run_training(settings: Settings, project: int, report: Reporter) -> dict:
+    from backend.training.run import train_project
+
+    return train_project(settings, project, report)
+
+
+def run_preannotation(settings: Settings, project: int, task_ids: list[int] | None, report: Reporter) -> dict:
+    from backend.preannotate import preannotate_project
+
+    return preannotate_project(settings, _service(settings).predictor, project, task_ids, report)
+
+
+def _rq_reporter() -> Reporter:
+    from rq import get_current_job
+
+    job = get_current_job()
+
+    def report(fraction: float, stage: str) -> None:
+        if job is not None:
+            job.meta.update(progress=round(fraction, 4), stage=stage, heartbeat=time.time())
+            job.save_meta()
+        log.info("job %s: %.0f%% %s", job.id if job else "?", 100 * fraction, stage)
+
+    return report
+
+
+def _rq_heartbeat(report: Reporter) -> threading.Event:
+    """Keep the job's heartbeat fresh while it works, so a dead worker is noticed within STALE_SECONDS."""
+    stop = threading.Event()
+    from rq import get_current_job
+
+    job = get_current_job()
+
+    def beat() -> None:
+        while not stop.wait(2.0):
+            if job is not None:
+                job.meta["heartbeat"] = time.time()
+                job.save_meta()
+
+    threading.Thread(target=beat, daemon=True).start()
+    return stop
+
+
+def train_job(project: int) -> dict:
+    """rq entry point: clear the project's pending mark, then train."""
+    settings = Settings.from_env()
+    if settings.redis_url:
+        RedisJobs(settings).clear_pending(project)
+    report = _rq_reporter()
+    stop = _rq_heartbeat(report)
+    try:
+        return run_training(settings, project, report)
+    finally:
+        stop.set()
+
+
+def preannotate_job(project: int, task_ids: list[int] | None = None) -> dict:
+    report = _rq_reporter()
+    stop = _rq_heartbeat(report)
+    try:
+        return run_preannotation(Settings.from_env(), project, task_ids, report)
+    finally:
+        stop.set()
+
+
+# --- Redis + rq -----------------------------------------------------------------------------
+
+
+class RedisJobs:
+    kind = "redis"
+
+    def __init__(self, settings: Settings) -> None:
+        from redis import Redis
+        from rq import Queue
+
+        self.settings = settings
+        self.redis = Redis.from_url(settings.redis_url or "", socket_timeout=2, socket_connect_timeout=2)
+        self.queue = Queue(QUEUE_NAME, connection=self.redis)
+
+    def _pending_key(self, project: int) -> str:
+        return f"{QUEUE_NAME}:pending-training:{project}"
+
+    def _count_key(self, project: int) -> str:
+        return f"{QUEUE_NAME}:annotations:{project}"
+
+    def _guard(self, action: Callable[[], Any]) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return action()
+        except RedisError as exc:
+            raise QueueUnavailable(f"the job queue (Redis) is unreachable: {type(exc).__name__}") from None
+
+    def annotation_event(self, project: int) -> str | None:
+        return self._guard(lambda: self._annotation_event(project))
+
+    def _annotation_event(self, project: int) -> str | None:
+        count = self.redis.incr(self._count_key(project))
+        if self.redis.set(self._pending_key(project), "reserving", nx=True, ex=JOB_TIMEOUT):
+            delay = 0.0 if count >= self.settings.train_after_annotations else self.settings.train_debounce_seconds
+            return self._enqueue_training(project, delay)
+        pending = (self.redis.get(self._pending_key(project)) or b"").decode()
+        if count >= self.settings.train_after_annotations and self._scheduled(pending):
+            return self._enqueue_training(project, 0.0, replacing=pending)  # enough piled up: train now
+        return pending or None
+
+    def train_now(self, project: int) -> str:
+        def now() -> str:
+            pending = (self.redis.get(self._pending_key(project)) or b"").decode()
+            return self._enqueue_training(project, 0.0, replacing=pending if self._scheduled(pending) else None)
+
+        return self._guard(now)
+
+    def _scheduled(self, job_id: str) -> bool:
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job, JobStatus
+
+        if not job_id or job_id == "reserving":
+            return False
+        try:
+            return Job.fetch(job_id, connection=self.redis).get_status() == JobStatus.SCHEDULED
+        except NoSuchJobError:
+            return False
+
+    def _enqueue_training(self, project: int, delay: float, replacing: str | None = None) -> str:
+        from rq.job import Job
+
+        if replacing:
+            Job.fetch(replacing, connection=self.redis).cancel()
+        job_id = f"train-{project}-{uuid.uuid4().hex[:8]}"
+        options = {"job_id": job_id, "job_timeout": JOB_TIMEOUT, "result_ttl": 7 * 86400, "failure_ttl": 7 * 86400,
+                   "meta": {"project": project, "kind": "train"}}  # fmt: skip
+        if delay > 0:
+            self.queue.enqueue_in(timedelta(seconds=delay), train_job, project, **options)
+        else:
+            self.queue.enqueue(train_job, project, **options)
+        self.redis.set(self._pending_key(project), job_id, ex=JOB_TIMEOUT)
+        self.redis.lpush(f"{QUEUE_NAME}:jobs:{project}", job_id)
+        self.redis.ltrim(f"{QUEUE_NAME}:jobs:{project}", 0, 19)
+        return job_id
+
+    def clear_pending(self, project: int) -> None:
+        """Called when a training starts: later annotations schedule the next run."""
+        self.redis.delete(self._pending_key(project), self._count_key(project))
+
+    def preannotate(self, project: int, task_ids: list[int] | None = None) -> str:
+        def enqueue() -> str:
+            job_id = f"preannotate-{project}-{uuid.uuid4().hex[:8]}"
+            self.queue.enqueue(preannotate_job, project, task_ids, job_id=job_id, job_timeout=JOB_TIMEOUT,
+                               result_ttl=7 * 86400, meta={"project": project, "kind": "preannotate"})  # fmt: skip
+            self.redis.lpush(f"{QUEUE_NAME}:jobs:{project}", job_id)
+            return job_id
+
+        return self._guard(enqueue)
+
+    def recent(self, project: int) -> list[str]:
+        return [j.decode() for j in self._guard(lambda: self.redis.lrange(f"{QUEUE_NAME}:jobs:{project}", 0, 19))]
+
+    def status(self, job_id: str) -> dict[str, Any] | None:
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+
+        try:
+            job = self._guard(lambda: Job.fetch(job_id, connection=self.redis))
+        except NoSuchJobError:
+            return None
+        state = str(job.get_status(refresh=True))
+        state = state.split(".")[-1].lower()
+        meta = job.get_meta(refresh=True)
+        info: dict[str, Any] = {
+            "id": job.id, "kind": meta.get("kind"), "project": meta.get("project"), "status": state,
+            "progress": meta.get("progress", 0.0), "stage": meta.get("stage"),
+        }  # fmt: skip
+        heartbeat = meta.get("heartbeat")
+        if state == "started" and heartbeat is not None and time.time() - heartbeat > STALE_SECONDS:
+            info.update(status="failed", error=f"the worker stopped responding {time.time() - heartbeat:.0f} s ago")
+        elif state == "finished":
+            info["result"] = job.return_value()
+        elif state == "failed" and job.exc_info:
+            info["error"] = job.exc_info.strip().splitlines()[-1]
+        return info
+
+
+# --- in-process fallback ----------------------------------------------------------------------
+
+
+class LocalJobs:
+    """The same behaviour in a background thread of the server, for setups without Redis."""
+
+    kind = "in-process"
+
+    def __init__(self, settings: Settings, predictor_factory: Callable[[], Any] | None = None) -> None:
+        self.settings = settings
+        self._predictor_factory = predictor_factory
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobs")
+        self._jobs: dict[str, dict[str, Any]] = {}
+        self._pending: dict[int, tuple[str, threading.Timer | None]] = {}
+        self._counts: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def annotation_event(self, project: int) -> str | None:
+        with self._lock:
+            self._counts[project] = self._counts.get(project, 0) + 1
+            pending = self._pending.get(project)
+            enough = self._counts[project] >= self.settings.train_after_annotations
+            if pending is not None and not (enough and pending[1] is not None):
+                return pending[0]
+        return self._schedule(project, 0.0 if enough else self.settings.train_debounce_seconds)
+
+    def train_now(self, project: int) -> str:
+        return self._schedule(project, 0.0)
+
+    def _schedule(self, project: int, delay: float) -> str:
+        with self._lock:
+            pending = self._pending.get(project)
+            if pending is not None and pending[1] is not None:
+                pending[1].cancel()
+                self._jobs[pending[0]]["status"] = "canceled"
+            job_id = f"train-{project}-{uuid.uuid4().hex[:8]}"
+            self._jobs[job_id] = {"id": job_id, "kind": "train", "project": project, "status": "scheduled",
+                                  "progress": 0.0, "stage": None}  # fmt: skip
+            timer = None
+            if delay > 0:
+                timer = threading.Timer(delay, self._submit, args=(job_id, project))
+                timer.daemon = True
+                timer.start()
+            self._pending[project] = (job_id, timer)
+        if delay <= 0:
+            self._submit(job_id, project)
+        return job_id
+
+    def _submit(self, job_id: str, project: int) -> None:
+        with self._lock:
+            self._jobs[job_id]["status"] = "queued"
+            self._pending[project] = (job_id, None)
+        self._executor.submit(self._run, job_id, lambda report: self._train(project, job_id, report))
+
+    def _train(self, project: int, job_id: str, report: Reporter) -> dict:
+        with self._lock:
+            if self._pending.get(project, ("",))[0] == job_id:
+                del self._pending[project]
+            self._counts[project] = 0
+        return run_training(self.settings, project, report)
+
+    def preannotate(self, project: int, task_ids: list[int] | None = None) -> str:
+        job_id = f"preannotate-{project}-{uuid.uuid4().hex[:8]}"
+        with self._lock:
+            self._jobs[job_id] = {"id": job_id, "kind": "preannotate", "project": project, "status": "queued",
+                                  "progress": 0.0, "stage": None}  # fmt: skip
+        self._executor.submit(self._run, job_id, lambda report: self._preannotate(project, task_ids, report))
+        return job_id
+
+    def _preannotate(self, project: int, task_ids: list[int] | None, report: Reporter) -> dict:
+        from backend.preannotate import preannotate_project
+
+        if self._predictor_factory is None:
+            raise RuntimeError("no predictor to pre-annotate with")
+        return preannotate_project(self.settings, self._predictor_factory(), project, task_ids, report)
+
+    def _run(self, job_id: str, work: Callable[[Reporter], dict]) -> None:
+        job = self._jobs[job_id]
+        job["status"] = "started"
+
+        def report(fraction: float, stage: str) -> None:
+            job.update(progress=round(fraction, 4), stage=stage)
+
+        try:
+            job.update(status="finished", result=work(report))
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            job.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+
+    def status(self, job_id: str) -> dict[str, Any] | None:
+        job = self._jobs.get(job_id)
+        return dict(job) if job is not None else None
+
+    def recent(self, project: int) -> list[str]:
+        return [job_id for job_id, job in reversed(self._jobs.items()) if job["project"] == project][:20]
+
+
+def make_queue(settings: Settings, predictor_factory: Callable[[], Any] | None = None) -> RedisJobs | LocalJobs:
+    return RedisJobs(settings) if settings.redis_url else LocalJobs(settings, predictor_factory)
+
+
+def run_worker(settings: Settings) -> None:
+    """`mllm-backend worker`: take jobs from Redis until stopped (with the scheduler for debounced runs)."""
+    from rq import Worker
+
+    if not settings.redis_url:
+        raise SystemExit("mllm-backend worker needs REDIS_URL, e.g. redis://127.0.0.1:6379/0")
+    import torch  # noqa: F401  -- imported once here, every forked work horse inherits it
+    import transformers  # noqa: F401
+
+    queue = RedisJobs(settings).queue
+    Worker([queue], connection=queue.connection).work(with_scheduler=True)

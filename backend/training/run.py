@@ -1,0 +1,150 @@
+"""One training run for a project: Label Studio's labels → datasets → a classifier per control → a version.
+
+Tasks come through label-studio-sdk with ``fields="all"``: full annotation results and the
+predictions themselves (Label Studio's JSON export lists predictions by id only, and its
+JSON_MIN flattens choices), so MLLM-only labels keep their scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from backend.labelstudio.auth import LabelStudioAuth
+from backend.labelstudio.client import connect
+from backend.labelstudio.config import ProjectSpec, parse_label_config
+from backend.labelstudio.export import LabelledItem, labelled_items
+from backend.labelstudio.media import ImageLoader, MediaError, MediaLimits
+from backend.labelstudio.regions import RegionError, crop_box
+from backend.settings import Settings
+from backend.training.classifier import Classifier, TrainingConfig, TrainingData
+from backend.training.versions import VersionStore
+
+log = logging.getLogger(__name__)
+MIN_ITEMS = 4  # fewer labelled items than this for a control: nothing worth training
+
+
+class NothingToTrain(RuntimeError):
+    """The project has too few labels for any control yet."""
+
+
+def training_config(settings: Settings) -> TrainingConfig:
+    return TrainingConfig(
+        epochs=settings.training_epochs, batch_size=settings.training_batch_size,
+        learning_rate=settings.training_learning_rate,
+    )  # fmt: skip
+
+
+def build_data(
+    items: Sequence[LabelledItem], images: dict[int, Image.Image], labels: Sequence[str], multi_label: bool,
+    padding: float = 0.0, min_side: int = 1,
+) -> TrainingData:  # fmt: skip
+    """Crops (or whole images) with targets and noise-aware weights; items whose pixels fail are left out."""
+    kept, pixels = [], []
+    for item in items:
+        image = images.get(item.task)
+        if image is None:
+            continue
+        try:
+            pixels.append(crop_box(image, item.box, padding, min_side) if item.box is not None else image)
+        except RegionError:
+            continue
+        kept.append(item)
+    index = {label: i for i, label in enumerate(labels)}
+    if multi_label:
+        targets = np.zeros((len(kept), len(labels)), dtype=np.float32)
+        for row, item in enumerate(kept):
+            targets[row, [index[label] for label in item.labels if label in index]] = 1.0
+    else:
+        targets = np.array([index[item.labels[0]] for item in kept], dtype=np.int64)
+    return TrainingData(
+        images=pixels,
+        targets=targets,
+        weights=np.array([1.0 if item.reviewed else item.confidence for item in kept], dtype=np.float32),
+        tasks=np.array([item.task for item in kept]),
+        reviewed=np.array([item.reviewed for item in kept], dtype=bool),
+    )
+
+
+def _summary(items: Sequence[LabelledItem]) -> dict:
+    return {
+        "items": len(items),
+        "human_reviewed": sum(item.reviewed for item in items),
+        "mllm_only": sum(not item.reviewed for item in items),
+        "labels": dict(Counter(label for item in items for label in item.labels)),
+    }
+
+
+def train_project(settings: Settings, project: int, progress: Callable[[float, str], None] | None = None) -> dict:
+    """Export, train and commit a new version; the previous version stays current on any failure."""
+    from backend.predictor import model_version
+    from backend.prompts import PromptBook
+
+    report = progress or (lambda fraction, stage: None)
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        raise RuntimeError("training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to export the project's labels")
+    client = connect(settings.label_studio_url, settings.label_studio_api_key)
+    spec = parse_label_config(client.projects.get(project).label_config)
+    ours = model_version(settings, PromptBook(settings.prompts_dir))
+    tasks = [t.dict() if hasattr(t, "dict") else dict(t) for t in client.tasks.list(project=project, fields="all")]
+    items = [item for task in tasks for item in labelled_items(task, spec, ours)]
+    report(0.05, f"exported {len(tasks)} tasks, {len(items)} labelled items")
+    images = _load_images(settings, items)
+    store = VersionStore(settings.model_dir)
+    version, partial = store.begin(project)
+    try:
+        controls = _train_controls(settings, spec, items, images, partial, report)
+        if not controls:
+            raise NothingToTrain(f"project {project} has fewer than {MIN_ITEMS} labelled items for every control")
+        metrics = {"project": project, "version": version, "created": time.time(), "controls": controls,
+                   "data": _summary(items), "mllm_model_version": ours}  # fmt: skip
+        (partial / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        store.commit(project, version, partial)
+    except BaseException:
+        store.discard(partial)
+        raise
+    report(1.0, f"version {version} is current")
+    return metrics
+
+
+def _train_controls(settings, spec: ProjectSpec, items, images, partial: Path, report) -> dict:
+    targets = [(t.control, t.labels, False) for t in spec.boxes] + [
+        (t.control, t.labels, t.multiple) for t in spec.choices
+    ]
+    results = {}
+    for number, (control, labels, multi_label) in enumerate(targets):
+        mine = [item for item in items if item.control == control]
+        data = build_data(mine, images, labels, multi_label, settings.box_padding, settings.box_min_side)
+        if len(data.images) < MIN_ITEMS:
+            continue
+        classifier = Classifier.build(settings.classifier_backbone, labels, multi_label)
+
+        def step(fraction: float, number: int = number, control: str = control) -> None:
+            report(0.1 + 0.85 * (number + fraction) / len(targets), f"training {control}")
+
+        results[control] = classifier.fit(data, training_config(settings), step)
+        classifier.save(partial / control)
+    return results
+
+
+def _load_images(settings: Settings, items: Sequence[LabelledItem]) -> dict[int, Image.Image]:
+    limits = MediaLimits(settings.media_max_bytes, settings.media_max_pixels, settings.media_timeout,
+                         settings.allowed_media_hosts)  # fmt: skip
+    loader = ImageLoader(limits)
+    site = LabelStudioAuth(settings.label_studio_url or "", settings.label_studio_api_key, loader.session)
+    images: dict[int, Image.Image] = {}
+    for item in items:
+        if item.task in images:
+            continue
+        try:
+            images[item.task] = loader.load(item.image_url, site, item.task)
+        except MediaError as exc:
+            log.warning("task %s left out of training: %s", item.task, exc)
+    return images

@@ -1,0 +1,82 @@
+"""Trained classifier versions on disk: ``MODEL_DIR/<project>/<version>/``, and a ``current`` pointer.
+
+A run writes into ``.partial-<version>/`` and is renamed to ``<version>/`` only when complete;
+then ``current`` (a symlink) is replaced atomically. A failed or killed run leaves a partial
+directory behind and the previous version current.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from backend.training.classifier import Classifier
+
+
+class VersionStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._loaded: dict[tuple[int, str, str], Classifier] = {}
+        self._lock = threading.Lock()
+
+    def project_dir(self, project: int) -> Path:
+        return self.root / str(project)
+
+    def begin(self, project: int) -> tuple[str, Path]:
+        version = time.strftime("v%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
+        partial = self.project_dir(project) / f".partial-{version}"
+        partial.mkdir(parents=True)
+        return version, partial
+
+    def commit(self, project: int, version: str, partial: Path) -> Path:
+        final = self.project_dir(project) / version
+        os.replace(partial, final)
+        pointer = self.project_dir(project) / "current"
+        staging = self.project_dir(project) / f".current-{uuid.uuid4().hex[:6]}"
+        os.symlink(version, staging)
+        os.replace(staging, pointer)  # atomic: readers see the old or the new version, never neither
+        return final
+
+    def discard(self, partial: Path) -> None:
+        shutil.rmtree(partial, ignore_errors=True)
+
+    def current(self, project: int) -> str | None:
+        pointer = self.project_dir(project) / "current"
+        return os.readlink(pointer) if pointer.is_symlink() else None
+
+    def versions(self, project: int) -> list[dict[str, Any]]:
+        directory = self.project_dir(project)
+        if not directory.is_dir():
+            return []
+        current = self.current(project)
+        found = []
+        for path in sorted(directory.iterdir()):
+            metrics = path / "metrics.json"
+            if path.is_dir() and not path.is_symlink() and not path.name.startswith(".") and metrics.exists():
+                found.append({"version": path.name, "current": path.name == current, **json.loads(metrics.read_text())})
+        return found
+
+    def projects(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.root.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def classifier(self, project: int, control: str) -> Classifier | None:
+        """The current version's classifier for ``control``, loaded once per version."""
+        version = self.current(project)
+        if version is None:
+            return None
+        directory = self.project_dir(project) / version / control
+        if not directory.is_dir():
+            return None
+        key = (project, version, control)
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded[key] = Classifier.load(directory)
+            return self._loaded[key]

@@ -1,0 +1,138 @@
+"""The downstream classifier on real pixels with learnable labels, and the noise-aware loss under injected noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.labelstudio.config import parse_label_config
+from backend.labelstudio.export import labelled_items
+from backend.models.tiny import build_tiny_checkpoint
+from backend.training.classifier import Classifier, TrainingConfig, TrainingData, split_by_task, weighted_loss
+from backend.training.versions import VersionStore
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (40, 50, 200)}
+LABELS = list(COLOURS)
+
+
+def colour_image(label: str, rng: np.random.Generator) -> Image.Image:
+    base = np.array(COLOURS[label], dtype=float)
+    pixels = np.clip(base + rng.normal(0, 40, size=(24, 24, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> str:
+    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("vit") / "vit", "vit"))
+
+
+def noisy_colour_data(n: int, seed: int = 0) -> tuple[TrainingData, np.ndarray]:
+    """20% human-reviewed labels; the MLLM-only rest calls red "green" 70% of the time, with low confidence."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 3, n)
+    reviewed = rng.random(n) < 0.2
+    given, weights = truth.copy(), np.ones(n, dtype=np.float32)
+    for i in np.flatnonzero(~reviewed):
+        wrong = truth[i] == 0 and rng.random() < 0.7
+        given[i] = 1 if wrong else truth[i]
+        weights[i] = rng.uniform(0.05, 0.25) if wrong else rng.uniform(0.7, 1.0)  # an informative critic
+    images = [colour_image(LABELS[t], rng) for t in truth]
+    return TrainingData(images, given, weights, np.arange(n), reviewed), truth
+
+
+def accuracy_on_fresh_images(classifier: Classifier, seed: int = 99, n: int = 90) -> float:
+    rng = np.random.default_rng(seed)
+    truth = np.arange(n) % 3
+    probabilities = classifier.predict_proba([colour_image(LABELS[t], rng) for t in truth])
+    return float((probabilities.argmax(axis=1) == truth).mean())
+
+
+def test_the_classifier_learns_colours_far_above_chance(backbone, tmp_path):
+    rng = np.random.default_rng(1)
+    truth = np.arange(120) % 3
+    data = TrainingData([colour_image(LABELS[t], rng) for t in truth], truth, np.ones(120, np.float32),
+                        np.arange(120), np.ones(120, bool))  # fmt: skip
+    classifier = Classifier.build(backbone, LABELS, multi_label=False)
+    steps = []
+    metrics = classifier.fit(data, TrainingConfig(epochs=12, learning_rate=3e-3), steps.append)
+    assert steps[-1] == 1.0 and len(steps) == 12
+    assert metrics["validation"]["accuracy"] > 0.8  # chance is 1/3
+    classifier.save(tmp_path / "model")
+    reloaded = Classifier.load(tmp_path / "model")
+    np.testing.assert_allclose(reloaded.predict_proba(data.images[:5]), classifier.predict_proba(data.images[:5]),
+                               atol=1e-5)  # fmt: skip
+
+
+def test_the_noise_aware_loss_beats_the_unweighted_loss_under_systematic_mllm_errors(backbone):
+    data, _ = noisy_colour_data(240)
+    config = TrainingConfig(epochs=12, learning_rate=3e-3, validation_fraction=0.1)
+    weighted = Classifier.build(backbone, LABELS, multi_label=False)
+    weighted.fit(data, config)
+    unweighted = Classifier.build(backbone, LABELS, multi_label=False)
+    unweighted.fit(data, TrainingConfig(**{**config.__dict__, "noise_aware": False}))
+    weighted_accuracy, unweighted_accuracy = accuracy_on_fresh_images(weighted), accuracy_on_fresh_images(unweighted)
+    assert weighted_accuracy > 0.9
+    assert weighted_accuracy - unweighted_accuracy > 0.15  # the unweighted model learns "red is green"
+
+
+def test_multi_label_head_trains_on_tags(backbone):
+    rng = np.random.default_rng(3)
+    truth = np.arange(60) % 3
+    targets = np.zeros((60, 3), np.float32)
+    targets[np.arange(60), truth] = 1
+    data = TrainingData([colour_image(LABELS[t], rng) for t in truth], targets, np.ones(60, np.float32),
+                        np.arange(60), np.ones(60, bool))  # fmt: skip
+    metrics = Classifier.build(backbone, LABELS, multi_label=True).fit(
+        data, TrainingConfig(epochs=8, learning_rate=3e-3)
+    )
+    assert 0.0 <= metrics["validation"]["mAP"] <= 1.0
+
+
+def test_weighted_loss_is_the_weighted_mean_and_split_keeps_tasks_together():
+    import torch
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    targets = torch.tensor([0, 0])
+    per_item = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    loss = weighted_loss(logits, targets, torch.tensor([1.0, 0.25]), multi_label=False)
+    assert float(loss) == pytest.approx(float((per_item[0] + 0.25 * per_item[1]) / 1.25))
+    tasks = np.array([1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    train, validation = split_by_task(tasks, 0.4, seed=0)
+    assert set(tasks[train]).isdisjoint(tasks[validation]) and len(validation) == 4
+
+
+def test_exported_tasks_become_reviewed_or_mllm_only_items():
+    spec = parse_label_config((__import__("pathlib").Path(__file__).resolve().parents[1] / "label_config" /
+                               "boxes_and_tags.xml").read_text())  # fmt: skip
+    box = {"id": "b", "from_name": "label", "to_name": "image", "type": "rectanglelabels", "score": 0.4,
+           "value": {"x": 1, "y": 2, "width": 30, "height": 40, "rectanglelabels": ["Dog"]}}  # fmt: skip
+    tags = {"id": "tags", "from_name": "tags", "to_name": "image", "type": "choices", "score": 0.8,
+            "value": {"choices": ["Indoor"]}}  # fmt: skip
+    predicted = {"id": 1, "data": {"image": "/data/upload/1/a.png"}, "annotations": [],
+                 "predictions": [{"model_version": "ours", "score": 0.3, "result": [box, tags]}]}  # fmt: skip
+    items = labelled_items(predicted, spec, "ours")
+    assert [(i.control, i.labels, i.reviewed, i.confidence) for i in items] == [
+        ("label", ("Dog",), False, 0.4),
+        ("tags", ("Indoor",), False, 0.8),
+    ]
+    human = {**predicted, "annotations": [{"result": [{**box, "value": {**box["value"], "rectanglelabels": ["Cat"]}}],
+                                          "was_cancelled": False}]}  # fmt: skip
+    items = labelled_items(human, spec, "ours")
+    assert [(i.control, i.labels, i.reviewed, i.confidence) for i in items] == [
+        ("label", ("Cat",), True, 1.0),
+        ("tags", (), True, 1.0),
+    ]  # the human chose no tags
+
+
+def test_versions_switch_atomically_and_a_failed_run_changes_nothing(tmp_path):
+    store = VersionStore(tmp_path)
+    version, partial = store.begin(7)
+    (partial / "metrics.json").write_text('{"accuracy": 0.9}')
+    store.commit(7, version, partial)
+    assert store.current(7) == version
+    failed_version, failed = store.begin(7)
+    (failed / "half-written").write_text("x")
+    store.discard(failed)
+    assert store.current(7) == version
+    assert [v["version"] for v in store.versions(7)] == [version] and store.versions(7)[0]["current"]
