@@ -89,6 +89,111 @@ def _request_forward_passes(checkpoint: Path, engine: TransformersEngine) -> dic
     return {"tasks": 4, "boxes": 12, "box_labels": 7, "tag_labels": 3, "forward_passes": engine.forward_passes}
 
 
+class _TimedEngine:
+    """Passes calls to the real engine, adding up the time spent inside it."""
+
+    def __init__(self, inner: TransformersEngine) -> None:
+        self.inner, self.name, self.seconds = inner, inner.name, 0.0
+
+    def score_options(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.inner.score_options(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def generate(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.inner.generate(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def _median_ms(run: Callable[[], object], count: int = 50) -> float:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return round(1000 * sorted(times)[len(times) // 2], 3)
+
+
+def _end_to_end(checkpoint: Path, engine: TransformersEngine) -> dict:
+    """Through the Flask app (in process, no network): throughput, overhead per task, fast-route latency."""
+    import base64
+    import io
+
+    from backend.server import create_app
+    from backend.service import build_service
+    from backend.settings import Settings
+
+    config = (
+        '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+        + "".join(f'<Label value="{label}"/>' for label in COCO_20[:8])
+        + "</RectangleLabels></View>"
+    )
+    tasks = []
+    for index, image in enumerate(_crops(16, seed=4)):
+        buffer = io.BytesIO()
+        image.resize((128, 96)).save(buffer, format="PNG")
+        boxes = [
+            {"id": f"b{k}", "from_name": "label", "to_name": "image", "type": "rectanglelabels",
+             "value": {"x": 5 + 30 * k, "y": 10, "width": 25, "height": 60, "rotation": 0, "rectanglelabels": []}}
+            for k in range(3)
+        ]  # fmt: skip
+        data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        tasks.append({"id": index, "data": {"image": data_url}, "annotations": [{"result": boxes}]})
+    timed = _TimedEngine(engine)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings.from_env(
+            {"MLLM_MODEL": str(checkpoint), "MODEL_DIR": tmp, "TRAIN_DEBOUNCE_SECONDS": "3600"}
+        )
+        service = build_service(settings, lambda: timed)
+        loader, fetch = service.predictor.loader, {"seconds": 0.0}
+        original_load = loader.load
+
+        def timed_load(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original_load(*args, **kwargs)
+            finally:
+                fetch["seconds"] += time.perf_counter() - start
+
+        loader.load = timed_load  # type: ignore[method-assign]
+        client = create_app(service).test_client()
+        client.post("/predict", json={"tasks": tasks[:1], "label_config": config})  # warm-up
+
+        def run(batches: list[list[dict]]) -> dict:
+            timed.seconds, fetch["seconds"] = 0.0, 0.0
+            start = time.perf_counter()
+            for batch in batches:
+                client.post("/predict", json={"tasks": batch, "label_config": config, "project": "1.1"})
+            total = time.perf_counter() - start
+            overhead = (total - timed.seconds - fetch["seconds"]) / len(tasks)
+            return {
+                "seconds": round(total, 4), "tasks_per_s": round(len(tasks) / total, 2),
+                "boxes_per_s": round(3 * len(tasks) / total, 2), "model_seconds": round(timed.seconds, 4),
+                "image_seconds": round(fetch["seconds"], 4), "overhead_ms_per_task": round(1000 * overhead, 2),
+            }  # fmt: skip
+
+        one_by_one = run([[task] for task in tasks])
+        batched = run([tasks])
+        setup = {"project": "1.1", "schema": config}
+        webhook = {"action": "ANNOTATION_CREATED", "project": {"id": 1},
+                   "annotation": {"id": 1, "task": 1, "result": [], "was_cancelled": False}}  # fmt: skip
+        latency = {"health_ms": _median_ms(lambda: client.get("/health")),
+                   "setup_ms": _median_ms(lambda: client.post("/setup", json=setup)),
+                   "webhook_ack_ms": _median_ms(lambda: client.post("/webhook", json=webhook))}  # fmt: skip
+    return {
+        "request": "16 tasks x 3 drawn boxes, 8 labels, critic on, through the Flask app in process",
+        "one_task_per_request": one_by_one,
+        "one_request_of_16": batched,
+        "batched_speedup": round(one_by_one["seconds"] / batched["seconds"], 2),
+        "latency_median": latency,
+    }
+
+
 def run_bench(repeats: int = 15, checkpoint: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint or build_tiny_checkpoint(Path(tmp) / "tiny-llava", "llava")
@@ -107,6 +212,7 @@ def run_bench(repeats: int = 15, checkpoint: Path | None = None) -> dict:
             engine, lambda: [engine.score_options([crop], PROMPT, COCO_20[:8]) for crop in crops_32], repeats
         )
         request = _request_forward_passes(path, engine)
+        end_to_end = _end_to_end(path, engine)
     return {
         "machine": {
             "platform": platform.platform(),
@@ -125,6 +231,7 @@ def run_bench(repeats: int = 15, checkpoint: Path | None = None) -> dict:
             "speedup": round(sequential["seconds"] / batched["seconds"], 2),
         },
         "predict_request": request,
+        "end_to_end": end_to_end,
     }
 
 

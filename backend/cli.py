@@ -107,6 +107,19 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--port", type=int, default=8080, help="Label Studio's port (default 8080)")
     demo.add_argument("--backend-port", type=int, default=9090, help="the backend's port (default 9090)")
 
+    evaluation = commands.add_parser(
+        "eval", help="our predictions against human annotations: report.json, summary.md and PNG plots"
+    )
+    source = evaluation.add_mutually_exclusive_group(required=True)
+    source.add_argument("--project", type=int, help="a Label Studio project (through LABEL_STUDIO_URL/API_KEY)")
+    source.add_argument("--tasks", type=Path, help="a JSON list of tasks with annotations and predictions inline")
+    evaluation.add_argument("--label-config", type=Path, help="with --tasks: the project's label config")
+    evaluation.add_argument("--model-version", help="whose predictions to judge (default: ours now)")
+    evaluation.add_argument("--out", type=Path, default=Path("eval-report"), help="output folder")
+    evaluation.add_argument("--gpu-hour-price", type=float, default=2.0, help="model cost per GPU hour (default 2.0)")
+    evaluation.add_argument("--human-cost-per-label", type=float, default=0.025,
+                            help="a person's cost per label (default 0.025: 6 s at 15/h)")  # fmt: skip
+
     commands.add_parser("worker", help="run an rq worker for training and pre-annotation jobs (needs REDIS_URL)")
     pre = commands.add_parser("preannotate", help="queue pre-annotation of a whole project (or some tasks)")
     pre.add_argument("--project", type=int, required=True, help="Label Studio project id")
@@ -121,6 +134,12 @@ def main(argv: list[str] | None = None) -> None:
         out = build_tiny_checkpoint(args.dir, args.arch, args.seed)
         print(f"wrote a tiny random {args.arch} checkpoint to {out} (random weights: its labels are random)")
         print(f"serve it with: MLLM_MODEL={out} mllm-backend serve")
+    elif args.command == "eval":
+        from backend.evaluation.report import Pricing, run_eval
+
+        written = run_eval(_load_settings(), args.project, args.tasks, args.label_config, args.model_version,
+                           args.out, Pricing(args.gpu_hour_price, args.human_cost_per_label))  # fmt: skip
+        print("\n".join(str(path) for path in written))
     elif args.command == "worker":
         from backend.jobs import run_worker
 

@@ -197,7 +197,7 @@ class Predictor:
                 continue
             box_jobs += boxes
             image_jobs += images
-        started = time.perf_counter()
+        started, tokens_before = time.perf_counter(), getattr(engine, "tokens_processed", 0)
         for target in spec.boxes:
             self._label_boxes(engine, target, [j for j in box_jobs if _belongs(j.box, target)], outcomes)
         for text_target in spec.texts:
@@ -205,9 +205,11 @@ class Predictor:
         self._choose_for_images(engine, image_jobs, outcomes)
         judged = [j for outcome in outcomes if not outcome.error for j in outcome.judged]
         self._score(engine, judged, project_id(project))
-        self.metrics.model_seconds.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.metrics.model_seconds.observe(seconds)
         version = self.model_version()
-        self._remember(project_id(project), version, outcomes)
+        tokens = getattr(engine, "tokens_processed", 0) - tokens_before
+        self._remember(project_id(project), version, outcomes, seconds, tokens)
         predictions = [outcome.prediction(version) for outcome in outcomes]
         self.metrics.predictions.inc(sum(1 for p in predictions if isinstance(p, dict) and "result" in p))
         return predictions
@@ -377,16 +379,18 @@ class Predictor:
                     agreement[index] = float(row[classifier.labels.index(item.label)])
         return agreement
 
-    def _remember(self, project: int | None, version: str, outcomes: list[_Outcome]) -> None:
-        """Keep each predicted label's raw score, to learn from review which scores mean what."""
-        labels = [
-            PredictedLabel(int(o.task_id), j.region_id, j.control, j.label, j.raw)
-            for o in outcomes
-            if not o.error and isinstance(o.task_id, int)
-            for j in o.judged
-        ]
-        if project is not None and labels:
-            self.reviews.record_predictions(project, version, labels)
+    def _remember(
+        self, project: int | None, version: str, outcomes: list[_Outcome], seconds: float, tokens: int
+    ) -> None:
+        """Keep each predicted label's raw score (to learn from review) and each task's model usage (for cost)."""
+        done = [o for o in outcomes if not o.error and isinstance(o.task_id, int) and (o.judged or o.results)]
+        if project is None or not done:
+            return
+        judged = [(o, j) for o in done for j in o.judged]
+        labels = [PredictedLabel(int(o.task_id), j.region_id, j.control, j.label, j.raw) for o, j in judged]
+        self.reviews.record_predictions(project, version, labels, [j.signals.annotator for _, j in judged])
+        usage = [(int(o.task_id), seconds / len(done), 1, len(o.box_labels), tokens // len(done)) for o in done]
+        self.reviews.record_usage(project, version, usage)
 
     def _model_failed(self, outcome: _Outcome, exc: Exception) -> None:
         log.warning("model failed on task %s: %s", outcome.task_id, _describe(exc))

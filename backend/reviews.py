@@ -20,7 +20,10 @@ from backend.labelstudio.review import PredictedLabel, review_outcomes
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS predicted (
     project INTEGER, task INTEGER, region TEXT, control TEXT, label TEXT, raw REAL, model_version TEXT, at REAL,
-    PRIMARY KEY (project, task, region, control, label));
+    annotator REAL, PRIMARY KEY (project, task, region, control, label));
+CREATE TABLE IF NOT EXISTS usage (
+    project INTEGER, task INTEGER, model_version TEXT, seconds REAL, images INTEGER, boxes INTEGER, tokens INTEGER,
+    at REAL, PRIMARY KEY (project, task, model_version));
 CREATE TABLE IF NOT EXISTS reviewed (
     project INTEGER, task INTEGER, region TEXT, control TEXT, label TEXT, raw REAL, survived INTEGER, at REAL,
     PRIMARY KEY (project, task, region, control, label));
@@ -37,10 +40,44 @@ class ReviewStore:
         self._lock = threading.Lock()
         self._calibrators: dict[int, tuple[int, Calibrator]] = {}
 
-    def record_predictions(self, project: int, model_version: str, labels: Sequence[PredictedLabel]) -> None:
-        rows = [(project, p.task, p.region, p.control, p.label, p.raw, model_version, time.time()) for p in labels]
+    def record_predictions(
+        self, project: int, model_version: str, labels: Sequence[PredictedLabel], annotator: Sequence[float] = ()
+    ) -> None:
+        confidences = list(annotator) or [None] * len(labels)
+        rows = [(project, p.task, p.region, p.control, p.label, p.raw, model_version, time.time(), a)
+                for p, a in zip(labels, confidences, strict=True)]  # fmt: skip
         with self._lock:
-            self._db.executemany("INSERT OR REPLACE INTO predicted VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT OR REPLACE INTO predicted VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def record_usage(self, project: int, model_version: str, rows: Sequence[tuple[int, float, int, int, int]]) -> None:
+        """(task, model seconds, images, boxes, tokens) per predicted task, for the cost report."""
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(project, task, model_version, s, i, b, t, time.time()) for task, s, i, b, t in rows],
+            )
+
+    def usage(self, project: int, model_version: str | None = None) -> list[dict]:
+        query = "SELECT task, seconds, images, boxes, tokens FROM usage WHERE project = ?"
+        params: tuple = (project,)
+        if model_version is not None:
+            query, params = query + " AND model_version = ?", (project, model_version)
+        with self._lock:
+            rows = self._db.execute(query, params).fetchall()
+        return [dict(zip(("task", "seconds", "images", "boxes", "tokens"), row, strict=True)) for row in rows]
+
+    def annotator_task_scores(self, project: int, model_version: str | None = None) -> dict[int, float]:
+        """Per task, P(all labels correct) from the annotator's own confidence alone (the baseline ranking)."""
+        query = "SELECT task, annotator FROM predicted WHERE project = ? AND annotator IS NOT NULL"
+        params: tuple = (project,)
+        if model_version is not None:
+            query, params = query + " AND model_version = ?", (project, model_version)
+        with self._lock:
+            rows = self._db.execute(query, params).fetchall()
+        scores: dict[int, float] = {}
+        for task, confidence in rows:
+            scores[task] = scores.get(task, 1.0) * confidence
+        return scores
 
     def record_annotation(self, project: int, task: int, result: Sequence[dict[str, Any]]) -> int:
         """Record which of our labels for ``task`` the human kept; returns how many were judged."""

@@ -68,3 +68,75 @@ def labelled_items(task: dict[str, Any], spec: ProjectSpec, model_version: str |
         confidence = 1.0 if reviewed else float(score if score is not None else 0.5)
         items.append(LabelledItem(task_id, target.image.url(task), target.control, labels, reviewed, confidence))
     return items
+
+
+@dataclass(frozen=True)
+class LabelPair:
+    """One predicted label beside the human's answer for the same region (or whole-image control)."""
+
+    task: int
+    control: str
+    region: str
+    predicted: str
+    human: str | None  # None: the human removed the region
+    score: float | None
+
+
+@dataclass(frozen=True)
+class TagPair:
+    task: int
+    control: str
+    predicted: frozenset[str]
+    human: frozenset[str]
+    score: float | None
+
+
+@dataclass(frozen=True)
+class TaskComparison:
+    task: int
+    score: float | None  # the prediction's task score
+    labels: tuple[LabelPair, ...]  # boxes and single choices
+    tags: tuple[TagPair, ...]  # multiple-choice controls
+    texts: tuple[tuple[str, str], ...]  # (predicted, human) fine-grained names of the same box
+
+
+def compare_task(task: dict[str, Any], spec: ProjectSpec, model_version: str | None) -> TaskComparison | None:
+    """Our prediction (of ``model_version``, else the latest) against the latest human annotation."""
+    predictions = [p for p in task.get("predictions") or [] if isinstance(p, dict)]
+    if model_version is not None:
+        predictions = [p for p in predictions if p.get("model_version") == model_version]
+    annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+    prediction, annotation = _latest(predictions), _latest(annotations)
+    if prediction is None or annotation is None:
+        return None
+    task_id = int(task["id"])
+    predicted = [r for r in prediction.get("result") or [] if isinstance(r, dict)]
+    human = [r for r in annotation.get("result") or [] if isinstance(r, dict)]
+    by_id = {(str(r.get("id")), r.get("from_name")): r for r in human}
+    labels, tags, texts = [], [], []
+    label_controls = {t.control for t in spec.boxes} | {t.control for t in spec.choices if not t.multiple}
+    for region in predicted:
+        control, values = region.get("from_name"), _region_labels(region)
+        if control in label_controls and values:
+            mine = by_id.get((str(region.get("id")), control))
+            if mine is None and "x" not in (region.get("value") or {}):  # a whole-image choice: any region of it
+                mine = next((r for r in human if r.get("from_name") == control), None)
+            answer = _region_labels(mine) if mine is not None else ()
+            labels.append(LabelPair(task_id, control, str(region.get("id")), values[0],
+                                    answer[0] if answer else None, region.get("score")))  # fmt: skip
+        elif region.get("type") == "textarea":
+            mine = by_id.get((str(region.get("id")), control))
+            if mine is not None and (mine.get("value") or {}).get("text"):
+                texts.append((str(region["value"]["text"][0]), str(mine["value"]["text"][0])))
+    for target in spec.choices:
+        if not target.multiple:
+            continue
+        mine_predicted = [r for r in predicted if r.get("from_name") == target.control]
+        mine_human = [r for r in human if r.get("from_name") == target.control]
+        tags.append(TagPair(
+            task_id, target.control,
+            frozenset(label for r in mine_predicted for label in _region_labels(r)),
+            frozenset(label for r in mine_human for label in _region_labels(r)),
+            mine_predicted[0].get("score") if mine_predicted else prediction.get("score"),
+        ))  # fmt: skip
+    return TaskComparison(task_id, prediction.get("score"), tuple(labels), tuple(tags), tuple(texts))

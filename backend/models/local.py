@@ -165,6 +165,7 @@ class TransformersEngine:
         self.option_scoring = option_scoring
         self.prefix_cache = prefix_cache
         self.forward_passes = 0
+        self.tokens_processed = 0  # input tokens through the model, for the cost report
         self._input_device = next(self.model.parameters()).device
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._lock = threading.Lock()
@@ -243,6 +244,7 @@ class TransformersEngine:
 
     def _forward(self, **inputs: object):
         self.forward_passes += 1
+        self.tokens_processed += int(inputs["input_ids"].numel())  # type: ignore[union-attr]
         return self.model(**inputs)
 
     # --- scoring ------------------------------------------------------------------

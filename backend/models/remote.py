@@ -114,6 +114,7 @@ class OpenAIEngine:
         self._down_reason = ""
         self._lock = threading.Lock()
         self.requests_sent = 0
+        self.tokens_processed = 0  # as the server reports them in "usage"
 
     def __repr__(self) -> str:
         return f"OpenAIEngine({self.base_url!r}, model={self.model!r})"
@@ -179,6 +180,7 @@ class OpenAIEngine:
         try:
             payload = response.json()
             payload["choices"][0]["message"]
+            self.tokens_processed += int((payload.get("usage") or {}).get("total_tokens") or 0)
         except (ValueError, KeyError, IndexError, TypeError):
             raise EngineError(
                 f"the model server at {self.base_url} sent an answer that is not a chat completion"

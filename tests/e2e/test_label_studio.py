@@ -189,3 +189,19 @@ def test_the_demo_project_is_listed_with_predictions_from_our_backend(client, st
         assert [p["model_version"] for p in predictions] == [version]
         boxes = [r for r in predictions[0]["result"] if r["type"] == "rectanglelabels"]
         assert len(boxes) == 3
+
+
+def test_eval_reports_on_the_real_project(client, stack, boxes_project, tmp_path):
+    from backend.evaluation.report import Pricing, run_eval
+    from backend.settings import Settings
+
+    model = requests.get(f"{stack.backend_url}/health", timeout=5).json()["model"]
+    settings = Settings.from_env(
+        {"MLLM_MODEL": model, "LABEL_STUDIO_URL": stack.label_studio_url, "LABEL_STUDIO_API_KEY": stack.token,
+         "MODEL_DIR": str(tmp_path / "md")}
+    )  # fmt: skip
+    written = run_eval(settings, boxes_project["id"], None, None, None, tmp_path / "report", Pricing())
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["tasks_compared"] == len(boxes_project["tasks"])
+    assert report["labels"]["labels"] >= 2 and 0.0 <= report["labels"]["accuracy"] <= 1.0
+    assert all(path.stat().st_size > 0 for path in written)

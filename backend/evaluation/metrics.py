@@ -1,0 +1,107 @@
+"""Metrics of MLLM labels against human labels, each a small pure function."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+
+from backend.annotate.suspicion import auroc, expected_calibration_error
+from backend.labelstudio.export import LabelPair, TagPair
+
+
+def label_accuracy(pairs: Sequence[LabelPair]) -> dict:
+    """Top-1 accuracy of box labels / single choices, and the confusion matrix human → predicted."""
+    judged = [p for p in pairs if p.human is not None]
+    confusion: dict[str, Counter] = defaultdict(Counter)
+    for pair in judged:
+        confusion[pair.human][pair.predicted] += 1  # type: ignore[index]
+    correct = sum(p.predicted == p.human for p in judged)
+    return {
+        "labels": len(judged),
+        "accuracy": correct / len(judged) if judged else None,
+        "confusion": {human: dict(row) for human, row in sorted(confusion.items())},
+    }
+
+
+def _f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def tag_metrics(pairs: Sequence[TagPair], labels: Sequence[str]) -> dict:
+    """Per-label precision/recall/F1 and agreement; micro and macro F1; mAP over the tag scores.
+
+    Agreement is the CelebA study's: per attribute, the share of images where the MLLM's
+    present/absent matches the human's. A predicted tag ranks by its control's score,
+    a tag not predicted at 0 (the prediction holds no other per-label score).
+    """
+    from sklearn.metrics import average_precision_score
+
+    per_label, totals = {}, Counter()
+    average_precisions = []
+    for label in labels:
+        predicted = np.array([label in p.predicted for p in pairs])
+        truth = np.array([label in p.human for p in pairs])
+        tp, fp, fn = int((predicted & truth).sum()), int((predicted & ~truth).sum()), int((~predicted & truth).sum())
+        totals.update(tp=tp, fp=fp, fn=fn)
+        precision, recall, f1 = _f1(tp, fp, fn)
+        per_label[label] = {"precision": precision, "recall": recall, "f1": f1, "support": int(truth.sum()),
+                            "agreement": float((predicted == truth).mean()) if len(pairs) else None}  # fmt: skip
+        if truth.any():
+            scores = [(p.score if p.score is not None else 1.0) if label in p.predicted else 0.0 for p in pairs]
+            average_precisions.append(float(average_precision_score(truth, scores)))
+    supported = [m["f1"] for m in per_label.values() if m["support"]]
+    return {
+        "images": len(pairs),
+        "per_label": per_label,
+        "micro_f1": _f1(totals["tp"], totals["fp"], totals["fn"])[2],
+        "macro_f1": float(np.mean(supported)) if supported else None,
+        "mAP": float(np.mean(average_precisions)) if average_precisions else None,
+    }
+
+
+def review_curve(task_scores: Sequence[float], task_errors: Sequence[int], points: int = 21) -> dict:
+    """Share of wrong labels caught vs share of tasks reviewed, reviewing in ascending-score order."""
+    order = np.argsort(np.asarray(task_scores, dtype=float), kind="stable")
+    errors = np.asarray(task_errors, dtype=float)[order]
+    total = errors.sum()
+    fractions = np.linspace(0, 1, points)
+    counts = np.round(fractions * len(errors)).astype(int)
+    caught = [float(errors[:k].sum() / total) if total else 1.0 for k in counts]
+    return {"reviewed": fractions.round(4).tolist(), "caught": [round(c, 4) for c in caught]}
+
+
+def suspicion_quality(pairs: Sequence[LabelPair]) -> dict:
+    """How well the score (P(correct)) separates wrong labels from right ones, and its calibration."""
+    scored = [p for p in pairs if p.human is not None and p.score is not None]
+    wrong = [p.predicted != p.human for p in scored]
+    scores = [float(p.score) for p in scored]  # type: ignore[arg-type]
+    return {
+        "labels": len(scored),
+        "wrong": int(sum(wrong)),
+        "auroc_wrong": auroc([-s for s in scores], wrong) if scored else None,
+        "ece": expected_calibration_error(scores, [not w for w in wrong]) if scored else None,
+        "reliability": reliability_bins(scores, [not w for w in wrong]),
+    }
+
+
+def reliability_bins(scores: Sequence[float], correct: Sequence[bool], bins: int = 10) -> list[dict]:
+    scores_arr, correct_arr = np.asarray(scores, dtype=float), np.asarray(correct, dtype=float)
+    which = np.minimum((scores_arr * bins).astype(int), bins - 1)
+    table = []
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            table.append({"bin": [b / bins, (b + 1) / bins], "count": int(members.sum()),
+                          "mean_score": float(scores_arr[members].mean()),
+                          "accuracy": float(correct_arr[members].mean())})  # fmt: skip
+    return table
+
+
+def text_agreement(texts: Sequence[tuple[str, str]]) -> dict:
+    same = [a.strip().casefold() == b.strip().casefold() for a, b in texts]
+    return {"pairs": len(texts), "exact_agreement": float(np.mean(same)) if texts else None}
