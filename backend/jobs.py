@@ -187,8 +187,13 @@ class RedisJobs:
         if replacing:
             Job.fetch(replacing, connection=self.redis).cancel()
         job_id = f"train-{project}-{uuid.uuid4().hex[:8]}"
-        options = {"job_id": job_id, "job_timeout": JOB_TIMEOUT, "result_ttl": 7 * 86400, "failure_ttl": 7 * 86400,
-                   "meta": {"project": project, "kind": "train"}}  # fmt: skip
+        from rq import Retry
+
+        # A failure (Label Studio unreachable during export, ...) is retried after 10 s, 60 s and 5 min.
+        options = {
+            "job_id": job_id, "job_timeout": JOB_TIMEOUT, "result_ttl": 7 * 86400, "failure_ttl": 7 * 86400,
+            "meta": {"project": project, "kind": "train"}, "retry": Retry(max=3, interval=[10, 60, 300]),
+        }  # fmt: skip
         if delay > 0:
             self.queue.enqueue_in(timedelta(seconds=delay), train_job, project, **options)
         else:
@@ -197,6 +202,16 @@ class RedisJobs:
         self.redis.lpush(f"{QUEUE_NAME}:jobs:{project}", job_id)
         self.redis.ltrim(f"{QUEUE_NAME}:jobs:{project}", 0, 19)
         return job_id
+
+    def problem(self) -> str | None:
+        """Why queued work cannot run now (for /health), or None."""
+        from redis.exceptions import RedisError
+
+        try:
+            self.redis.ping()
+        except RedisError as exc:
+            return f"the job queue (Redis) is unreachable ({type(exc).__name__}): webhooks answer 503 until it is back"
+        return None
 
     def clear_pending(self, project: int) -> None:
         """Called when a training starts: later annotations schedule the next run."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
 import time
 from typing import Any
 
@@ -63,6 +64,7 @@ def create_app(service: Service) -> Flask:
     app = Flask("mllm-backend")
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     settings, predictor, metrics = service.settings, service.predictor, service.metrics
+    admission = threading.BoundedSemaphore(settings.max_predicts_in_flight)  # overload: a fast 503, not a timeout
     service.slot.start()
     if predictor.critic_slot is not None:
         predictor.critic_slot.start()
@@ -70,6 +72,12 @@ def create_app(service: Service) -> Flask:
     @app.before_request
     def authenticate() -> Response | None:
         g.started = time.perf_counter()
+        if request.path == "/webhook" and settings.webhook_secret:
+            given = request.headers.get("X-Webhook-Secret", "")
+            if hmac.compare_digest(given.encode(), settings.webhook_secret.encode()):
+                return None
+            return _error("the webhook secret is missing or wrong: add the header X-Webhook-Secret to the webhook "
+                          "in Label Studio (Settings → Webhooks)", 401)  # fmt: skip
         credentials = settings.basic_auth
         if credentials is None or request.path == "/health":
             return None
@@ -110,6 +118,9 @@ def create_app(service: Service) -> Flask:
             "calibrated_projects": predictor.reviews.calibrated_projects(),
             "jobs": service.jobs.kind,  # "redis": rq workers; "in-process": a thread of this server
         }
+        problem = service.jobs.problem() if hasattr(service.jobs, "problem") else None
+        if problem:
+            body.update(degraded=True, problem=problem)  # still serving predictions; background work is not queued
         if state == "failed":
             return jsonify({**body, "status": "DOWN", "error": service.slot.error}), 503
         return jsonify(body)
@@ -137,8 +148,21 @@ def create_app(service: Service) -> Flask:
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
             return _error("the request has no 'tasks' list; Label Studio sends {\"tasks\": [...], ...}", 400)
+        if len(tasks) > settings.max_tasks_per_request:
+            return _error(
+                f"{len(tasks)} tasks in one request is over MAX_TASKS_PER_REQUEST={settings.max_tasks_per_request}: "
+                "select fewer tasks, or pre-annotate the whole project in the background with "
+                'POST /jobs/preannotate {"project": <id>} (or `mllm-backend preannotate --project <id>`)',
+                413,
+            )
         params = body.get("params") if isinstance(body.get("params"), dict) else {}
         context = params.get("context") if isinstance(params.get("context"), dict) else None
+        if not admission.acquire(blocking=False):
+            metrics.task_errors.labels(reason="overload").inc(len(tasks))
+            return _error(
+                f"the backend is busy ({settings.max_predicts_in_flight} predictions in flight); retry shortly",
+                503, **{"Retry-After": "2"},
+            )  # fmt: skip
         try:
             results = predictor.predict(tasks, body.get("label_config") or "", body.get("project"), context)
         except UnsupportedConfig as exc:
@@ -147,6 +171,8 @@ def create_app(service: Service) -> Flask:
             return _error(str(exc), 503, **{"Retry-After": RETRY_AFTER_SECONDS})
         except PromptError as exc:
             return _error(str(exc), 500)
+        finally:
+            admission.release()
         version = predictor.model_version()
         if any(isinstance(r, dict) and "result" in r for r in results):
             service.version_sync.request(str(body.get("project") or ""), version)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
+import socket
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -129,6 +131,27 @@ class ImageLoader:
         allowed = self.limits.allowed_hosts
         return host in allowed or f"{host}:{port}" in allowed
 
+    @staticmethod
+    def _check_resolution(url: str) -> None:
+        """An allowed *name* must not resolve to an internal address (DNS rebinding); allowed IPs are taken as meant."""
+        host = urlsplit(url).hostname or ""
+        try:
+            ipaddress.ip_address(host)
+            return
+        except ValueError:
+            pass
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        except OSError:
+            raise MediaError(f"cannot resolve the image host {host}") from None
+        for address in addresses:
+            ip = ipaddress.ip_address(address.split("%")[0])
+            if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
+                raise MediaError(
+                    f"refusing to fetch {redact(url)}: {host} resolves to the internal address {ip}; "
+                    "list that address itself in ALLOWED_MEDIA_HOSTS if it is meant"
+                )
+
     def _is_label_studio(self, url: str, site: LabelStudioAuth | None) -> bool:
         return site is not None and _origin(url) == _origin(site.base_url)
 
@@ -141,6 +164,8 @@ class ImageLoader:
                     f"refusing to fetch {redact(url)}: {host} is neither Label Studio's host nor listed in "
                     "ALLOWED_MEDIA_HOSTS"
                 )
+            if not from_label_studio:
+                self._check_resolution(url)
             try:
                 headers = site.headers() if (from_label_studio and site is not None) else {}
             except LabelStudioAuthError as exc:

@@ -98,6 +98,7 @@ class OpenAIEngine:
         samples: int = 5,
         session: requests.Session | None = None,
         map_answer: Callable[[str, Sequence[str]], int | None] | None = None,
+        cooldown: float = COOLDOWN_SECONDS,
     ) -> None:
         self.name = model
         self.model = model
@@ -107,6 +108,7 @@ class OpenAIEngine:
         self.max_retries = max_retries
         self.samples = samples
         self.map_answer = map_answer
+        self.cooldown = cooldown
         self.session = session or requests.Session()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="openai")
         self._has_logprobs: bool | None = None
@@ -199,14 +201,14 @@ class OpenAIEngine:
     def _mark_down(self, reason: str) -> None:
         # After the server failed, fail fast for a while instead of making every task wait out the timeout.
         with self._lock:
-            self._down_until = time.monotonic() + COOLDOWN_SECONDS
+            self._down_until = time.monotonic() + self.cooldown
             self._down_reason = reason
         raise EngineUnavailable(reason)
 
     def _check_cooldown(self) -> None:
         with self._lock:
             if time.monotonic() < self._down_until:
-                raise EngineUnavailable(f"{self._down_reason} (retrying after a {COOLDOWN_SECONDS:g} s pause)")
+                raise EngineUnavailable(f"{self._down_reason} (retrying after a {self.cooldown:g} s pause)")
 
     # --- the Engine interface ----------------------------------------------------------
 

@@ -91,7 +91,13 @@ def train_project(settings: Settings, project: int, progress: Callable[[float, s
     if not settings.label_studio_url or not settings.label_studio_api_key:
         raise RuntimeError("training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to export the project's labels")
     client = connect(settings.label_studio_url, settings.label_studio_api_key)
-    spec = parse_label_config(client.projects.get(project).label_config)
+    try:
+        spec = parse_label_config(client.projects.get(project).label_config)
+    except Exception as exc:  # httpx errors, SDK ApiError: say where, never with the key
+        raise RuntimeError(
+            f"cannot export project {project} from Label Studio at {settings.label_studio_url} "
+            f"({type(exc).__name__}); the job is retried with backoff"
+        ) from None
     ours = model_version(settings, PromptBook(settings.prompts_dir))
     tasks = [t.dict() if hasattr(t, "dict") else dict(t) for t in client.tasks.list(project=project, fields="all")]
     items = [item for task in tasks for item in labelled_items(task, spec, ours)]
