@@ -42,6 +42,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.cascade_skipped = Counter(
+            "mllm_backend_cascade_skipped",
+            "Boxes the trained classifier labelled instead of the MLLM (CASCADE=on)",
+            registry=self.registry,
+        )
         self.model_ready = Gauge(
             "mllm_backend_model_ready", "1 when the model is loaded and serving", registry=self.registry
         )

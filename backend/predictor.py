@@ -74,6 +74,7 @@ class _Judged:
     region_id: str
     control: str
     hints: dict[str, str] = field(default_factory=dict)
+    from_classifier: bool = False  # labelled by the trained classifier (cascade), not the MLLM
     raw: float = 0.0
     p_correct: float = 0.0
 
@@ -123,8 +124,8 @@ def model_version(s: Settings, prompts: PromptBook) -> str:
         return s.model_version
     parts = [s.mllm_provider, s.mllm_model, s.mllm_quantization, s.mllm_option_scoring, prompts.fingerprint(),
              SCORING, f"{s.tag_threshold:g}/{s.tag_candidate_threshold:g}/{s.tag_group_size}",
-             f"{s.box_padding:g}/{s.box_min_side}",
-             f"critic={s.critic}:{s.critic_provider}:{s.critic_model}"]  # fmt: skip
+             f"{s.box_padding:g}/{s.box_min_side}", f"critic={s.critic}:{s.critic_provider}:{s.critic_model}",
+             f"cascade={s.cascade}:{s.cascade_threshold:g}"]  # fmt: skip
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
     name = s.mllm_model.rstrip("/").split("/")[-1] or "model"
     return f"{name}-{digest}"
@@ -199,7 +200,8 @@ class Predictor:
             image_jobs += images
         started, tokens_before = time.perf_counter(), getattr(engine, "tokens_processed", 0)
         for target in spec.boxes:
-            self._label_boxes(engine, target, [j for j in box_jobs if _belongs(j.box, target)], outcomes)
+            mine = [j for j in box_jobs if _belongs(j.box, target)]
+            self._label_boxes(engine, target, mine, outcomes, project_id(project))
         for text_target in spec.texts:
             self._name_boxes(engine, text_target, spec, [j for j in box_jobs if _belongs(j.box, text_target)], outcomes)
         self._choose_for_images(engine, image_jobs, outcomes)
@@ -244,9 +246,14 @@ class Predictor:
 
     # --- model questions ----------------------------------------------------------------
 
-    def _label_boxes(self, engine: Engine, target: BoxLabelTarget, jobs: list[_BoxJob], outcomes: list[_Outcome]):
-        ask = partial(self._label_crops, engine, target)
-        for job, answer in zip(jobs, run_isolated(ask, [job.crop for job in jobs]), strict=True):
+    def _label_boxes(
+        self, engine: Engine, target: BoxLabelTarget, jobs: list[_BoxJob], outcomes: list[_Outcome], project: int | None
+    ) -> None:
+        cascaded = self._cascade(target, jobs, project)
+        rest = [job for index, job in enumerate(jobs) if index not in cascaded]
+        asked = iter(run_isolated(partial(self._label_crops, engine, target), [job.crop for job in rest]))
+        for index, job in enumerate(jobs):
+            answer = cascaded[index] if index in cascaded else next(asked)
             if isinstance(answer, Exception):
                 self._model_failed(outcomes[job.task], answer)
                 continue
@@ -255,9 +262,25 @@ class Predictor:
             signals = Signals(annotator=answer.probability, margin=answer.margin, mapped=answer.mapped)
             outcome = outcomes[job.task]
             outcome.results.append(region)
-            outcome.judged.append(_Judged(job.crop, answer.label, signals, region, job.box.id, target.control))
+            outcome.judged.append(_Judged(job.crop, answer.label, signals, region, job.box.id, target.control,
+                                          from_classifier=index in cascaded))  # fmt: skip
             outcome.box_labels.setdefault(job.box.id, answer.label)
             self.metrics.regions.labels(kind="box").inc()
+
+    def _cascade(self, target: BoxLabelTarget, jobs: list[_BoxJob], project: int | None) -> dict[int, Choice]:
+        """With CASCADE=on, boxes the trained classifier is sure about skip the MLLM."""
+        if not self.settings.cascade or self.versions is None or project is None or not jobs:
+            return {}
+        classifier = self.versions.classifier(project, target.control)
+        if classifier is None or classifier.multi_label or tuple(classifier.labels) != tuple(target.labels):
+            return {}
+        sure = {}
+        for index, row in enumerate(classifier.predict_proba([job.crop for job in jobs])):
+            best = int(row.argmax())
+            if row[best] >= self.settings.cascade_threshold:
+                sure[index] = Choice(target.labels[best], float(row[best]), target.labels, tuple(float(p) for p in row))
+        self.metrics.cascade_skipped.inc(len(sure))
+        return sure
 
     def _label_crops(self, engine: Engine, target: BoxLabelTarget, crops: list[Image.Image]) -> list[Choice]:
         return label_crops(engine, self.prompts, crops, target.labels)
@@ -375,7 +398,7 @@ class Predictor:
                 log.warning("classifier for project %s/%s failed (%s)", project, control, _describe(exc))
                 continue
             for (index, item), row in zip(items, probabilities, strict=True):
-                if item.label in classifier.labels:
+                if item.label in classifier.labels and not item.from_classifier:  # no self-agreement
                     agreement[index] = float(row[classifier.labels.index(item.label)])
         return agreement
 

@@ -75,6 +75,8 @@ class Settings:
     training_epochs: int = 10
     training_batch_size: int = 16
     training_learning_rate: float = 1e-4
+    cascade: bool = False
+    cascade_threshold: float = 0.9
     max_tasks_per_request: int = 200
     max_predicts_in_flight: int = 16
     webhook_secret: str | None = field(default=None, repr=False)
@@ -250,6 +252,8 @@ class _Reader:
             training_epochs=self.integer("TRAINING_EPOCHS", 10, 1),
             training_batch_size=self.integer("TRAINING_BATCH_SIZE", 16, 1),
             training_learning_rate=self.number("TRAINING_LEARNING_RATE", 1e-4, 1e-8, 1.0),
+            cascade=self.flag("CASCADE", False),
+            cascade_threshold=self.number("CASCADE_THRESHOLD", 0.9, 0.0, 1.0),
             max_tasks_per_request=self.integer("MAX_TASKS_PER_REQUEST", 200, 1),
             max_predicts_in_flight=self.integer("MAX_PREDICTS_IN_FLIGHT", 16, 1),
             webhook_secret=self.text("WEBHOOK_SECRET"),

@@ -19,7 +19,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     global _STACK
     workdir = tmp_path_factory.mktemp("e2e")
     model = build_tiny_checkpoint(workdir / "tiny-llava", "llava")
-    env = {"MLLM_MODEL": str(model), "CALIBRATION_MIN_REVIEWS": "4"}
+    backbone = build_tiny_checkpoint(workdir / "tiny-vit", "vit")
+    env = {
+        "MLLM_MODEL": str(model),
+        "CALIBRATION_MIN_REVIEWS": "4",
+        "CLASSIFIER_BACKBONE": str(backbone),
+        "TRAINING_EPOCHS": "2",
+        "TRAIN_DEBOUNCE_SECONDS": "2",
+    }  # in-process jobs (no REDIS_URL)
     if os.environ.get("E2E_BACKEND_ENV"):  # e.g. "CRITIC=off" to debug
         env.update(dict(item.split("=", 1) for item in os.environ["E2E_BACKEND_ENV"].split(",")))
     _STACK = start_stack(workdir, workdir / "model-dir", env)

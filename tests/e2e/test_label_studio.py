@@ -158,6 +158,36 @@ def test_reviewed_annotations_reach_the_backend_as_review_outcomes(client, stack
     assert entry["reviewed_labels"] == 2 and entry["survival_rate"] == 0.5
 
 
+def classifier_versions(stack: Stack, project: int) -> list[dict]:
+    return requests.get(f"{stack.backend_url}/versions", timeout=5).json()["classifiers"].get(str(project), [])
+
+
+def wait_for_versions(stack: Stack, project: int, count: int, timeout: float = 90) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while len(classifier_versions(stack, project)) < count:
+        assert time.monotonic() < deadline, f"no classifier version {count} for project {project}"
+        time.sleep(0.5)
+    return classifier_versions(stack, project)
+
+
+def test_pressing_start_training_trains_a_classifier_version(client, stack, boxes_project):
+    before = len(classifier_versions(stack, boxes_project["id"]))
+    [ml] = list(client.ml.list(project=boxes_project["id"]))
+    client.ml.train(id=ml.id)  # the "Start training" button
+    versions = wait_for_versions(stack, boxes_project["id"], before + 1)
+    assert versions[-1]["current"] and versions[-1]["data"]["items"] >= 4
+
+
+def test_submitting_an_annotation_retrains_after_the_debounce(client, stack, boxes_project):
+    before = len(classifier_versions(stack, boxes_project["id"]))
+    task = boxes_project["tasks"][1]
+    [annotation] = client.annotations.list(id=task)
+    result = [dict(region) for region in annotation.result]
+    client.annotations.update(id=annotation.id, result=result)  # a reviewer submits again → ANNOTATION_UPDATED
+    versions = wait_for_versions(stack, boxes_project["id"], before + 1)
+    assert versions[-1]["current"]
+
+
 def test_export_holds_our_predictions_and_the_human_annotations(client, stack, boxes_project):
     response = requests.get(
         f"{stack.label_studio_url}/api/projects/{boxes_project['id']}/export",
