@@ -24,7 +24,6 @@ from typing import Any, Protocol
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
-QUEUE_NAME = "mllm-backend"
 STALE_SECONDS = 20.0  # a started job whose heartbeat is older than this has lost its worker
 JOB_TIMEOUT = 6 * 3600
 Reporter = Callable[[float, str], None]
@@ -133,14 +132,15 @@ class RedisJobs:
         from rq import Queue
 
         self.settings = settings
+        self.name = settings.job_queue  # several backends can share one Redis under different names
         self.redis = Redis.from_url(settings.redis_url or "", socket_timeout=2, socket_connect_timeout=2)
-        self.queue = Queue(QUEUE_NAME, connection=self.redis)
+        self.queue = Queue(self.name, connection=self.redis)
 
     def _pending_key(self, project: int) -> str:
-        return f"{QUEUE_NAME}:pending-training:{project}"
+        return f"{self.name}:pending-training:{project}"
 
     def _count_key(self, project: int) -> str:
-        return f"{QUEUE_NAME}:annotations:{project}"
+        return f"{self.name}:annotations:{project}"
 
     def _guard(self, action: Callable[[], Any]) -> Any:
         from redis.exceptions import RedisError
@@ -199,8 +199,8 @@ class RedisJobs:
         else:
             self.queue.enqueue(train_job, project, **options)
         self.redis.set(self._pending_key(project), job_id, ex=JOB_TIMEOUT)
-        self.redis.lpush(f"{QUEUE_NAME}:jobs:{project}", job_id)
-        self.redis.ltrim(f"{QUEUE_NAME}:jobs:{project}", 0, 19)
+        self.redis.lpush(f"{self.name}:jobs:{project}", job_id)
+        self.redis.ltrim(f"{self.name}:jobs:{project}", 0, 19)
         return job_id
 
     def problem(self) -> str | None:
@@ -222,13 +222,13 @@ class RedisJobs:
             job_id = f"preannotate-{project}-{uuid.uuid4().hex[:8]}"
             self.queue.enqueue(preannotate_job, project, task_ids, job_id=job_id, job_timeout=JOB_TIMEOUT,
                                result_ttl=7 * 86400, meta={"project": project, "kind": "preannotate"})  # fmt: skip
-            self.redis.lpush(f"{QUEUE_NAME}:jobs:{project}", job_id)
+            self.redis.lpush(f"{self.name}:jobs:{project}", job_id)
             return job_id
 
         return self._guard(enqueue)
 
     def recent(self, project: int) -> list[str]:
-        return [j.decode() for j in self._guard(lambda: self.redis.lrange(f"{QUEUE_NAME}:jobs:{project}", 0, 19))]
+        return [j.decode() for j in self._guard(lambda: self.redis.lrange(f"{self.name}:jobs:{project}", 0, 19))]
 
     def status(self, job_id: str) -> dict[str, Any] | None:
         from rq.exceptions import NoSuchJobError

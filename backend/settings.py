@@ -69,6 +69,7 @@ class Settings:
     critic_base_url: str | None = None
     calibration_min_reviews: int = 30
     redis_url: str | None = None
+    job_queue: str = "mllm-backend"
     train_after_annotations: int = 10
     train_debounce_seconds: float = 60.0
     classifier_backbone: str = "google/vit-base-patch16-224-in21k"
@@ -246,6 +247,7 @@ class _Reader:
             critic_base_url=self.url("CRITIC_BASE_URL", example="http://localhost:8001/v1") or openai_url,
             calibration_min_reviews=self.integer("CALIBRATION_MIN_REVIEWS", 30, 2),
             redis_url=self.redis_url(),
+            job_queue=self.text("JOB_QUEUE") or "mllm-backend",
             train_after_annotations=self.integer("TRAIN_AFTER_ANNOTATIONS", 10, 1),
             train_debounce_seconds=self.number("TRAIN_DEBOUNCE_SECONDS", 60.0, 0.0),
             classifier_backbone=self.text("CLASSIFIER_BACKBONE") or "google/vit-base-patch16-224-in21k",

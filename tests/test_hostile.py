@@ -7,6 +7,7 @@ import io
 import struct
 import threading
 import time
+import uuid
 import zlib
 
 import pytest
@@ -218,10 +219,13 @@ def test_health_says_degraded_when_redis_is_down_and_training_retries_with_backo
     from backend.jobs import RedisJobs
     from backend.settings import Settings
 
-    Redis.from_url("redis://127.0.0.1:6379/13").flushdb()
-    jobs = RedisJobs(Settings.from_env({"MLLM_MODEL": "m", "REDIS_URL": "redis://127.0.0.1:6379/13"}))
+    name = f"test-{uuid.uuid4().hex[:8]}"  # a queue of its own: no worker takes this job
+    jobs = RedisJobs(Settings.from_env({"MLLM_MODEL": "m", "REDIS_URL": "redis://127.0.0.1:6379/13",
+                                        "JOB_QUEUE": name}))  # fmt: skip
     job = jobs.queue.fetch_job(jobs.train_now(1))
     assert job.retries_left == 3 and job.retry_intervals == [10, 60, 300]
+    for key in Redis.from_url("redis://127.0.0.1:6379/13").scan_iter(f"*{name}*"):
+        Redis.from_url("redis://127.0.0.1:6379/13").delete(key)
 
 
 def test_training_against_an_unreachable_label_studio_fails_with_where(tmp_path):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+import uuid
+from collections.abc import Iterator
 
 import pytest
 from redis import Redis
 from rq import Queue
 from rq.registry import ScheduledJobRegistry
 
-from backend.jobs import QUEUE_NAME, LocalJobs, QueueUnavailable, RedisJobs
+from backend.jobs import LocalJobs, QueueUnavailable, RedisJobs
 from backend.settings import Settings
 
 REDIS = "redis://127.0.0.1:6379/15"
@@ -21,9 +23,18 @@ def settings(**env: str) -> Settings:
 
 
 @pytest.fixture
-def redis_jobs() -> RedisJobs:
-    Redis.from_url(REDIS).flushdb()
-    return RedisJobs(settings(REDIS_URL=REDIS))
+def queue_name() -> Iterator[str]:
+    """A queue of this test's own, so runs sharing the Redis never see each other's jobs."""
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    yield name
+    redis = Redis.from_url(REDIS)
+    for key in redis.scan_iter(f"*{name}*"):
+        redis.delete(key)
+
+
+@pytest.fixture
+def redis_jobs(queue_name) -> RedisJobs:
+    return RedisJobs(settings(REDIS_URL=REDIS, JOB_QUEUE=queue_name))
 
 
 def scheduled(jobs: RedisJobs) -> list[str]:
@@ -48,8 +59,8 @@ def test_start_training_replaces_the_pending_run_with_one_that_runs_now(redis_jo
     assert redis_jobs.annotation_event(3) == now  # later events join the queued run
 
 
-def test_enough_annotations_train_at_once(redis_jobs):
-    jobs = RedisJobs(settings(REDIS_URL=REDIS, TRAIN_AFTER_ANNOTATIONS="5"))
+def test_enough_annotations_train_at_once(redis_jobs, queue_name):
+    jobs = RedisJobs(settings(REDIS_URL=REDIS, TRAIN_AFTER_ANNOTATIONS="5", JOB_QUEUE=queue_name))
     first = jobs.annotation_event(8)
     for _ in range(4):
         latest = jobs.annotation_event(8)
@@ -58,7 +69,7 @@ def test_enough_annotations_train_at_once(redis_jobs):
 
 def test_a_started_job_whose_worker_died_reports_failed(redis_jobs):
     job_id = redis_jobs.train_now(5)
-    job = Queue(QUEUE_NAME, connection=redis_jobs.redis).fetch_job(job_id)
+    job = Queue(redis_jobs.name, connection=redis_jobs.redis).fetch_job(job_id)
     job.set_status("started")
     job.meta.update(heartbeat=time.time() - 60, progress=0.4)
     job.save_meta()

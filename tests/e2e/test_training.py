@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,6 @@ from redis import Redis
 from rq import Queue
 from rq.registry import ScheduledJobRegistry
 
-from backend.jobs import QUEUE_NAME
 from backend.labelstudio.devstack import ManagedProcess, Stack, free_port
 from backend.models.tiny import build_tiny_checkpoint
 
@@ -58,14 +58,17 @@ def colour_project(client, stack: Stack) -> dict:
     return {"id": project, "tasks": [int(t.id) for t in tasks]}
 
 
+QUEUE = f"e2e-{uuid.uuid4().hex[:8]}"  # this run's own queue: runs sharing the Redis never take each other's jobs
+
+
 @pytest.fixture(scope="module")
 def queue_env(stack: Stack, tmp_path_factory) -> dict[str, str]:
-    Redis.from_url(REDIS).flushdb()
     workdir = tmp_path_factory.mktemp("training")
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")},
         "HF_HUB_OFFLINE": "1",
         "REDIS_URL": REDIS,
+        "JOB_QUEUE": QUEUE,
         "LABEL_STUDIO_URL": stack.label_studio_url,
         "LABEL_STUDIO_API_KEY": stack.token,
         "MODEL_DIR": str(workdir / "model-dir"),
@@ -135,7 +138,7 @@ def test_a_burst_of_annotation_webhooks_makes_one_training_that_creates_a_versio
     assert len(jobs) == 1, jobs
     [job_id] = jobs
     assert requests.get(f"{url}/jobs/{job_id}", timeout=5).json()["status"] == "scheduled"  # answered before it ran
-    assert ScheduledJobRegistry(queue=Queue(QUEUE_NAME, connection=Redis.from_url(REDIS))).count == 1
+    assert ScheduledJobRegistry(queue=Queue(QUEUE, connection=Redis.from_url(REDIS))).count == 1
     done = wait_for_job(url, job_id, {"finished", "failed"})
     assert done["status"] == "finished", done
     [version] = classifier_versions(url, project)
