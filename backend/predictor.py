@@ -300,7 +300,11 @@ class Predictor:
                 continue  # the model said nothing: leave the text area to the person
             region = box_result(job.box, target.control, target.image.name, "textarea", {"text": [name.text]},
                                 name.confidence)  # fmt: skip
-            outcomes[job.task].results.append(region)  # a free-text name does not decide the task's suspicion
+            outcomes[job.task].results.append(region)
+            if name.category is not None and name.category.label is not None:  # the name checks the box's label
+                for item in outcomes[job.task].judged:
+                    if item.region_id == job.box.id:
+                        item.signals = replace(item.signals, name_agrees=name.category.label == item.label)
             self.metrics.regions.labels(kind="text").inc()
 
     def _name_crops(

@@ -58,6 +58,9 @@ def test_fusion_is_monotone_and_the_mapping_penalty_halves_the_odds():
     mapped = fuse(Signals(annotator=0.8, mapped=1.0))
     assert (mapped / (1 - mapped)) == pytest.approx((0.8 / 0.2) / 2)
     assert 0 < fuse(Signals(annotator=1.0, critic=0.0)) < 1
+    disagreeing = fuse(Signals(annotator=0.8, name_agrees=False))
+    assert (disagreeing / (1 - disagreeing)) == pytest.approx((0.8 / 0.2) / 2)
+    assert fuse(Signals(annotator=0.8, name_agrees=True)) == pytest.approx(0.8)
 
 
 def noisy_labels(n: int = 600, wrong_rate: float = 0.25, seed: int = 0):

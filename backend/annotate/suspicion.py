@@ -15,7 +15,9 @@ over the probability signals p_k:
 
 ``mapped`` is the share of free-text answers that had to be mapped onto the label set
 (out-of-set answers are weaker evidence); β = ln 2 halves the odds when every answer was
-mapped. Probabilities are clipped to [0.001, 0.999] first.
+mapped. A box whose fine-grained name maps to a *different* label than the one chosen
+("Siamese (Cat)" on a box labelled Dog) loses another ln 2. Probabilities are clipped to
+[0.001, 0.999] first.
 
 **Calibration**: once a project has enough reviewed labels, an isotonic regression from
 raw score to "the label survived review" turns the raw score into a calibrated P(correct).
@@ -41,6 +43,7 @@ class Signals:
     critic: float | None = None
     classifier: float | None = None
     mapped: float = 0.0
+    name_agrees: bool | None = None  # does the box's fine-grained name map back to the same label?
 
 
 def _logit(p: float) -> float:
@@ -57,6 +60,8 @@ def fuse(signals: Signals) -> float:
     total = sum(WEIGHTS[name] for name in present)
     pooled = sum(WEIGHTS[name] * _logit(p) for name, p in present.items()) / total
     pooled -= MAPPED_PENALTY * signals.mapped
+    if signals.name_agrees is False:
+        pooled -= MAPPED_PENALTY
     return 1.0 / (1.0 + math.exp(-pooled))
 
 
