@@ -13,11 +13,11 @@ from flask import Flask, Response, g, jsonify, request
 from backend.jobs import QueueUnavailable
 from backend.labelstudio.client import SetupInfo
 from backend.labelstudio.config import UnsupportedConfig, parse_label_config
-from backend.labelstudio.tasks import annotation_event
 from backend.metrics import CONTENT_TYPE
 from backend.models.slot import ModelNotReady
 from backend.prompts import PromptError
 from backend.service import Service
+from backend.webhooks import handle_webhook
 
 log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 256 * 1024 * 1024
@@ -36,28 +36,6 @@ def _json_object() -> dict[str, Any] | Response:
     if not isinstance(body, dict):
         return _error("the request body is not a JSON object", 400)
     return body
-
-
-def record_review(reviews, action: str, body: dict[str, Any]) -> int:
-    """An annotation webhook says which of our labels a human kept; returns how many were judged."""
-    event = annotation_event(action, body)
-    if event is None:
-        return 0
-    project, task, result = event
-    if result is None:
-        reviews.forget_task(project, task)
-        return 0
-    return reviews.record_annotation(project, task, result)
-
-
-def queue_training(jobs, action: str, body: dict[str, Any]) -> str | None:
-    """Annotation events (debounced) and "Start training" (at once) queue a training run."""
-    if action == "START_TRAINING":
-        project = body.get("project")
-        project_number = project.get("id") if isinstance(project, dict) else project
-        return jobs.train_now(int(project_number)) if isinstance(project_number, int) else None
-    event = annotation_event(action, body)
-    return jobs.annotation_event(event[0]) if event is not None else None
 
 
 def create_app(service: Service) -> Flask:
@@ -184,9 +162,8 @@ def create_app(service: Service) -> Flask:
         if isinstance(body, Response):
             return body
         action = str(body.get("action") or "")
-        judged = record_review(predictor.reviews, action, body)
         try:
-            job = queue_training(service.jobs, action, body)
+            judged, job = handle_webhook(predictor.reviews, service.jobs, action, body)
         except QueueUnavailable as exc:
             log.error("webhook %s: %s", action, exc)
             return _error(f"{exc}; the event was not queued, retry it or press Start training", 503)
