@@ -156,12 +156,16 @@ class OpenAIEngine:
                 self.requests_sent += 1
                 response = self.session.post(url, json=body, headers=self._headers(), timeout=(5.0, self.timeout))
             except requests.Timeout:
-                self._mark_down(f"the model server at {self.base_url} did not answer within {self.timeout:g} s")
+                raise self._went_down(
+                    f"the model server at {self.base_url} did not answer within {self.timeout:g} s"
+                ) from None
             except requests.ConnectionError:
                 if attempt < self.max_retries:
                     time.sleep(self._backoff(attempt, None))
                     continue
-                self._mark_down(f"cannot connect to the model server at {self.base_url} (OPENAI_BASE_URL)")
+                raise self._went_down(
+                    f"cannot connect to the model server at {self.base_url} (OPENAI_BASE_URL)"
+                ) from None
             if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
                 time.sleep(self._backoff(attempt, response.headers.get("Retry-After")))
                 continue
@@ -170,7 +174,7 @@ class OpenAIEngine:
 
     def _parse(self, response: requests.Response) -> dict:
         if response.status_code in RETRY_STATUSES:
-            self._mark_down(f"the model server at {self.base_url} kept answering HTTP {response.status_code}")
+            raise self._went_down(f"the model server at {self.base_url} kept answering HTTP {response.status_code}")
         if response.status_code in (401, 403):
             raise EngineUnavailable(
                 f"the model server at {self.base_url} refused the key (HTTP {response.status_code}); "
@@ -198,12 +202,12 @@ class OpenAIEngine:
                 pass
         return min(8.0, 0.5 * 2**attempt) * (0.5 + random.random() / 2)
 
-    def _mark_down(self, reason: str) -> None:
-        # After the server failed, fail fast for a while instead of making every task wait out the timeout.
+    def _went_down(self, reason: str) -> EngineUnavailable:
+        """Record a server failure: for a while, fail fast instead of making every task wait out the timeout."""
         with self._lock:
             self._down_until = time.monotonic() + self.cooldown
             self._down_reason = reason
-        raise EngineUnavailable(reason)
+        return EngineUnavailable(reason)
 
     def _check_cooldown(self) -> None:
         with self._lock:
