@@ -34,6 +34,25 @@ def _crops(count: int, seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (int(h), int(w), 3), dtype=np.uint8)) for w, h in sizes]
 
 
+def _boxed_tasks(count: int, seed: int, size: tuple[int, int]) -> list[dict]:
+    """Tasks with a data-URL image each and three boxes a person drew on it."""
+    import base64
+    import io
+
+    tasks = []
+    for index, image in enumerate(_crops(count, seed=seed)):
+        buffer = io.BytesIO()
+        image.resize(size).save(buffer, format="PNG")
+        boxes = [
+            {"id": f"b{k}", "from_name": "label", "to_name": "image", "type": "rectanglelabels",
+             "value": {"x": 5 + 30 * k, "y": 10, "width": 25, "height": 60, "rotation": 0, "rectanglelabels": []}}
+            for k in range(3)
+        ]  # fmt: skip
+        data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        tasks.append({"id": index, "data": {"image": data_url}, "annotations": [{"result": boxes}]})
+    return tasks
+
+
 def _best_seconds(run: Callable[[], object], repeats: int) -> float:
     """The fastest of ``repeats`` timed runs: the least disturbed by whatever else the machine does."""
     run()  # warm-up
@@ -54,8 +73,6 @@ def _measure(engine: TransformersEngine, run: Callable[[], object], repeats: int
 
 def _request_forward_passes(checkpoint: Path, engine: TransformersEngine) -> dict:
     """Forward passes for one /predict: 4 tasks x 3 drawn boxes (7 labels) + a 3-label multiple-choice tag."""
-    import base64
-    import io
 
     from backend.server import create_app
     from backend.service import build_service
@@ -67,17 +84,7 @@ def _request_forward_passes(checkpoint: Path, engine: TransformersEngine) -> dic
         + '</RectangleLabels><Choices name="tags" toName="image" choice="multiple"><Choice value="indoor"/>'
         '<Choice value="outdoor"/><Choice value="blurry"/></Choices></View>'
     )
-    tasks = []
-    for index, image in enumerate(_crops(4, seed=2)):
-        buffer = io.BytesIO()
-        image.resize((96, 64)).save(buffer, format="PNG")
-        boxes = [
-            {"id": f"b{k}", "from_name": "label", "to_name": "image", "type": "rectanglelabels",
-             "value": {"x": 5 + 30 * k, "y": 10, "width": 25, "height": 60, "rotation": 0, "rectanglelabels": []}}
-            for k in range(3)
-        ]  # fmt: skip
-        data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        tasks.append({"id": index, "data": {"image": data_url}, "annotations": [{"result": boxes}]})
+    tasks = _boxed_tasks(4, seed=2, size=(96, 64))
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings.from_env({"MLLM_MODEL": str(checkpoint), "MODEL_DIR": tmp})
         service = build_service(settings, lambda: engine)
@@ -121,8 +128,6 @@ def _median_ms(run: Callable[[], object], count: int = 50) -> float:
 
 def _end_to_end(checkpoint: Path, engine: TransformersEngine) -> dict:
     """Through the Flask app (in process, no network): throughput, overhead per task, fast-route latency."""
-    import base64
-    import io
 
     from backend.server import create_app
     from backend.service import build_service
@@ -133,17 +138,7 @@ def _end_to_end(checkpoint: Path, engine: TransformersEngine) -> dict:
         + "".join(f'<Label value="{label}"/>' for label in COCO_20[:8])
         + "</RectangleLabels></View>"
     )
-    tasks = []
-    for index, image in enumerate(_crops(16, seed=4)):
-        buffer = io.BytesIO()
-        image.resize((128, 96)).save(buffer, format="PNG")
-        boxes = [
-            {"id": f"b{k}", "from_name": "label", "to_name": "image", "type": "rectanglelabels",
-             "value": {"x": 5 + 30 * k, "y": 10, "width": 25, "height": 60, "rotation": 0, "rectanglelabels": []}}
-            for k in range(3)
-        ]  # fmt: skip
-        data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        tasks.append({"id": index, "data": {"image": data_url}, "annotations": [{"result": boxes}]})
+    tasks = _boxed_tasks(16, seed=4, size=(128, 96))
     timed = _TimedEngine(engine)
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings.from_env(
