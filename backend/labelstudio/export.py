@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.labelstudio.config import ProjectSpec
-from backend.labelstudio.regions import Box, RegionError, box_from_region
+from backend.labelstudio.regions import Box, RegionError, box_from_region, region_labels
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,6 @@ def _latest(items: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
     return ordered[-1] if ordered else None
 
 
-def _region_labels(region: dict[str, Any]) -> tuple[str, ...]:
-    value = region.get("value") or {}
-    return tuple(str(label) for key in ("rectanglelabels", "choices", "labels") for label in (value.get(key) or []))
-
-
 def labelled_items(task: dict[str, Any], spec: ProjectSpec, model_version: str | None = None) -> list[LabelledItem]:
     annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
     predictions = [p for p in task.get("predictions") or [] if isinstance(p, dict)]
@@ -49,7 +44,7 @@ def labelled_items(task: dict[str, Any], spec: ProjectSpec, model_version: str |
     items: list[LabelledItem] = []
     for target in spec.boxes:
         for region in regions:
-            labels = _region_labels(region)
+            labels = region_labels(region)
             if region.get("from_name") != target.control or not labels or "x" not in (region.get("value") or {}):
                 continue
             try:
@@ -61,7 +56,7 @@ def labelled_items(task: dict[str, Any], spec: ProjectSpec, model_version: str |
                                       confidence, box))  # fmt: skip
     for target in spec.choices:
         mine = [r for r in regions if r.get("from_name") == target.control]
-        labels = tuple(label for region in mine for label in _region_labels(region))
+        labels = tuple(label for region in mine for label in region_labels(region))
         if not labels and not target.multiple:
             continue  # a single choice left empty says nothing
         score = mine[0].get("score") if mine else source.get("score")
@@ -116,12 +111,12 @@ def compare_task(task: dict[str, Any], spec: ProjectSpec, model_version: str | N
     labels, tags, texts = [], [], []
     label_controls = {t.control for t in spec.boxes} | {t.control for t in spec.choices if not t.multiple}
     for region in predicted:
-        control, values = region.get("from_name"), _region_labels(region)
+        control, values = region.get("from_name"), region_labels(region)
         if control in label_controls and values:
             mine = by_id.get((str(region.get("id")), control))
             if mine is None and "x" not in (region.get("value") or {}):  # a whole-image choice: any region of it
                 mine = next((r for r in human if r.get("from_name") == control), None)
-            answer = _region_labels(mine) if mine is not None else ()
+            answer = region_labels(mine)
             labels.append(LabelPair(task_id, control, str(region.get("id")), values[0],
                                     answer[0] if answer else None, region.get("score")))  # fmt: skip
         elif region.get("type") == "textarea":
@@ -135,8 +130,8 @@ def compare_task(task: dict[str, Any], spec: ProjectSpec, model_version: str | N
         mine_human = [r for r in human if r.get("from_name") == target.control]
         tags.append(TagPair(
             task_id, target.control,
-            frozenset(label for r in mine_predicted for label in _region_labels(r)),
-            frozenset(label for r in mine_human for label in _region_labels(r)),
+            frozenset(label for r in mine_predicted for label in region_labels(r)),
+            frozenset(label for r in mine_human for label in region_labels(r)),
             mine_predicted[0].get("score") if mine_predicted else prediction.get("score"),
         ))  # fmt: skip
     return TaskComparison(task_id, prediction.get("score"), tuple(labels), tuple(tags), tuple(texts))

@@ -132,14 +132,19 @@ def box_result(box: Box, control: str, to_name: str, result_type: str, payload: 
     return region
 
 
+_LABEL_KEYS = ("rectanglelabels", "labels", "choices", "polygonlabels", "keypointlabels")
+
+
+def region_labels(region: dict[str, Any] | None) -> tuple[str, ...]:
+    """The labels or choices a result region carries, whatever its control type."""
+    value = (region or {}).get("value") or {}
+    return tuple(str(label) for key in _LABEL_KEYS if isinstance(value.get(key), list) for label in value[key])
+
+
 def box_label(region: dict[str, Any]) -> str | None:
     """The label a person gave a box region, if any."""
-    value = region.get("value") or {}
-    for key in ("rectanglelabels", "labels", "choices"):
-        labels = value.get(key)
-        if isinstance(labels, list) and labels:
-            return str(labels[0])
-    return None
+    labels = region_labels(region)
+    return labels[0] if labels else None
 
 
 def choices_result(region_id: str, control: str, to_name: str, labels: list[str], score: float) -> dict:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-_LABEL_KEYS = ("rectanglelabels", "labels", "choices", "polygonlabels", "keypointlabels")
+from backend.labelstudio.regions import region_labels
 
 
 @dataclass(frozen=True)
@@ -20,11 +20,6 @@ class PredictedLabel:
     @property
     def whole_image(self) -> bool:
         return self.region == self.control
-
-
-def _labels(region: dict[str, Any]) -> set[str]:
-    value = region.get("value") or {}
-    return {str(label) for key in _LABEL_KEYS for label in (value.get(key) or [])}
 
 
 def review_outcomes(
@@ -42,11 +37,11 @@ def review_outcomes(
     by_control: dict[str, set[str]] = {}
     for region in regions:
         if "x" not in (region.get("value") or {}):
-            by_control.setdefault(str(region.get("from_name")), set()).update(_labels(region))
+            by_control.setdefault(str(region.get("from_name")), set()).update(region_labels(region))
     outcomes = []
     for label in predicted:
         if label.whole_image:
             outcomes.append((label, label.label in by_control.get(label.control, set())))
         elif (region := by_id.get((label.region, label.control))) is not None:
-            outcomes.append((label, label.label in _labels(region)))
+            outcomes.append((label, label.label in region_labels(region)))
     return outcomes
