@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from backend.labelstudio.client import connect
+from backend.labelstudio.client import connect, project_tasks
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def preannotate_project(
     client = connect(settings.label_studio_url, settings.label_studio_api_key)
     label_config = client.projects.get(project).label_config
     version = predictor.model_version()
-    tasks = [t.dict() if hasattr(t, "dict") else dict(t) for t in client.tasks.list(project=project, fields="all")]
+    tasks = project_tasks(client, project)
     if task_ids is not None:
         wanted = set(task_ids)
         tasks = [t for t in tasks if t["id"] in wanted]

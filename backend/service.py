@@ -75,6 +75,17 @@ def engine_factory(
     return load_remote if provider == "openai" else load_local
 
 
+def image_loader(settings: Settings, cache: bool = True) -> ImageLoader:
+    """The image fetcher with the configured limits (and byte cache, unless ``cache`` is off)."""
+    limits = MediaLimits(
+        max_bytes=settings.media_max_bytes,
+        max_pixels=settings.media_max_pixels,
+        timeout=settings.media_timeout,
+        allowed_hosts=settings.allowed_media_hosts,
+    )
+    return ImageLoader(limits, cache_bytes=settings.media_cache_bytes if cache else 0)
+
+
 def build_service(settings: Settings, factory: Callable[[], Engine] | None = None) -> Service:
     prompts = PromptBook(settings.prompts_dir)
     prompts.check()
@@ -83,13 +94,7 @@ def build_service(settings: Settings, factory: Callable[[], Engine] | None = Non
     mapper = LabelMapper(SentenceEncoder(settings.text_encoder), settings.mapping_min_similarity)
     slot = EngineSlot(factory or engine_factory(settings, mapper), settings.mllm_model)
     sites = LabelStudioSites(settings.label_studio_url, settings.label_studio_api_key)
-    limits = MediaLimits(
-        max_bytes=settings.media_max_bytes,
-        max_pixels=settings.media_max_pixels,
-        timeout=settings.media_timeout,
-        allowed_hosts=settings.allowed_media_hosts,
-    )
-    loader = ImageLoader(limits, cache_bytes=settings.media_cache_bytes)
+    loader = image_loader(settings)
     critic_slot = None
     if settings.critic and settings.critic_model:
         critic_factory = engine_factory(

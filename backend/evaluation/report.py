@@ -216,13 +216,13 @@ def run_eval(
     from backend.training.versions import VersionStore
 
     if project is not None:
-        from backend.labelstudio.client import connect
+        from backend.labelstudio.client import connect, project_tasks
 
         if not settings.label_studio_url or not settings.label_studio_api_key:
             raise SystemExit("mllm-backend eval --project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
         client = connect(settings.label_studio_url, settings.label_studio_api_key)
         config = client.projects.get(project).label_config
-        tasks = [t.dict() if hasattr(t, "dict") else dict(t) for t in client.tasks.list(project=project, fields="all")]
+        tasks = project_tasks(client, project)
         version = model_version or current_version(settings, PromptBook(settings.prompts_dir))
     else:
         if tasks_file is None or label_config is None:

@@ -116,14 +116,18 @@ def connect(url: str, api_key: str):
     return LabelStudio(base_url=url, api_key=api_key, timeout=60)
 
 
+def project_tasks(client, project: int) -> list[dict]:
+    """Every task of the project as a plain dict, with its full annotations and predictions inline."""
+    return [t.dict() if hasattr(t, "dict") else dict(t) for t in client.tasks.list(project=project, fields="all")]
+
+
 def prediction_scores(client, project: int, model_version: str) -> list[tuple[int, float]]:
     """(task id, score) of every task that has a scored prediction from ``model_version``."""
     scores = []
-    for task in client.tasks.list(project=project, fields="all"):
-        for prediction in getattr(task, "predictions", None) or []:
-            values = prediction if isinstance(prediction, dict) else prediction.__dict__
-            if values.get("model_version") == model_version and values.get("score") is not None:
-                scores.append((int(task.id), float(values["score"])))
+    for task in project_tasks(client, project):
+        for prediction in task.get("predictions") or []:
+            if prediction.get("model_version") == model_version and prediction.get("score") is not None:
+                scores.append((int(task["id"]), float(prediction["score"])))
                 break
     return scores
 

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from backend.labelstudio.auth import LabelStudioAuth
-from backend.labelstudio.client import connect
+from backend.labelstudio.client import LabelStudioSites, connect, project_tasks
 from backend.labelstudio.config import ProjectSpec, parse_label_config
 from backend.labelstudio.export import LabelledItem, labelled_items
-from backend.labelstudio.media import ImageLoader, MediaError, MediaLimits
+from backend.labelstudio.media import MediaError
 from backend.labelstudio.regions import RegionError, crop_box
 from backend.settings import Settings
 from backend.training.classifier import Classifier, TrainingConfig, TrainingData
@@ -99,7 +98,7 @@ def train_project(settings: Settings, project: int, progress: Callable[[float, s
             f"({type(exc).__name__}); the job is retried with backoff"
         ) from None
     ours = model_version(settings, PromptBook(settings.prompts_dir))
-    tasks = [t.dict() if hasattr(t, "dict") else dict(t) for t in client.tasks.list(project=project, fields="all")]
+    tasks = project_tasks(client, project)
     items = [item for task in tasks for item in labelled_items(task, spec, ours)]
     report(0.05, f"exported {len(tasks)} tasks, {len(items)} labelled items")
     images = _load_images(settings, items)
@@ -141,10 +140,10 @@ def _train_controls(settings, spec: ProjectSpec, items, images, partial: Path, r
 
 
 def _load_images(settings: Settings, items: Sequence[LabelledItem]) -> dict[int, Image.Image]:
-    limits = MediaLimits(settings.media_max_bytes, settings.media_max_pixels, settings.media_timeout,
-                         settings.allowed_media_hosts)  # fmt: skip
-    loader = ImageLoader(limits)
-    site = LabelStudioAuth(settings.label_studio_url or "", settings.label_studio_api_key, loader.session)
+    from backend.service import image_loader
+
+    loader = image_loader(settings, cache=False)  # every image is read once per run
+    site = LabelStudioSites(settings.label_studio_url, settings.label_studio_api_key).for_project(None)
     images: dict[int, Image.Image] = {}
     for item in items:
         if item.task in images:
