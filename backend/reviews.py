@@ -38,7 +38,7 @@ class ReviewStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
-        self._calibrators: dict[int, tuple[int, Calibrator]] = {}
+        self._calibrators: dict[int, tuple[tuple[int, int], Calibrator]] = {}
 
     def record_predictions(
         self, project: int, model_version: str, labels: Sequence[PredictedLabel], annotator: Sequence[float] = ()
@@ -57,23 +57,23 @@ class ReviewStore:
                 [(project, task, model_version, s, i, b, t, time.time()) for task, s, i, b, t in rows],
             )
 
-    def usage(self, project: int, model_version: str | None = None) -> list[dict]:
-        query = "SELECT task, seconds, images, boxes, tokens FROM usage WHERE project = ?"
+    def _select(self, query: str, project: int, model_version: str | None) -> list[tuple]:
+        """Rows of ``query`` (filtered by project) for one model_version, or all when it is None."""
         params: tuple = (project,)
         if model_version is not None:
             query, params = query + " AND model_version = ?", (project, model_version)
         with self._lock:
-            rows = self._db.execute(query, params).fetchall()
+            return self._db.execute(query, params).fetchall()
+
+    def usage(self, project: int, model_version: str | None = None) -> list[dict]:
+        rows = self._select("SELECT task, seconds, images, boxes, tokens FROM usage WHERE project = ?", project,
+                            model_version)  # fmt: skip
         return [dict(zip(("task", "seconds", "images", "boxes", "tokens"), row, strict=True)) for row in rows]
 
     def annotator_task_scores(self, project: int, model_version: str | None = None) -> dict[int, float]:
         """Per task, P(all labels correct) from the annotator's own confidence alone (the baseline ranking)."""
-        query = "SELECT task, annotator FROM predicted WHERE project = ? AND annotator IS NOT NULL"
-        params: tuple = (project,)
-        if model_version is not None:
-            query, params = query + " AND model_version = ?", (project, model_version)
-        with self._lock:
-            rows = self._db.execute(query, params).fetchall()
+        rows = self._select("SELECT task, annotator FROM predicted WHERE project = ? AND annotator IS NOT NULL",
+                            project, model_version)  # fmt: skip
         scores: dict[int, float] = {}
         for task, confidence in rows:
             scores[task] = scores.get(task, 1.0) * confidence
@@ -106,24 +106,40 @@ class ReviewStore:
             rows = self._db.execute("SELECT raw, survived FROM reviewed WHERE project = ?", (project,)).fetchall()
         return [r[0] for r in rows], [bool(r[1]) for r in rows]
 
+    def _tally(self, project: int) -> tuple[int, int]:
+        """(reviewed labels, labels kept) for a project, counted by the database."""
+        with self._lock:
+            count, kept = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(survived), 0) FROM reviewed WHERE project = ?", (project,)
+            ).fetchone()
+        return count, kept
+
+    def _calibratable(self, count: int, kept: int) -> bool:
+        return count >= self.min_reviews and 0 < kept < count
+
     def calibrator(self, project: int | None) -> Calibrator | None:
-        """The project's fitted calibrator, or None while it has fewer than ``min_reviews`` reviewed labels."""
+        """The project's fitted calibrator, or None while it has fewer than ``min_reviews`` reviewed labels.
+
+        Called on every prediction: the rows are read and refitted only when the review tally changed.
+        """
         if project is None:
             return None
-        scores, kept = self.outcomes(project)
-        if len(scores) < self.min_reviews or len(set(kept)) < 2:
+        tally = self._tally(project)
+        if not self._calibratable(*tally):
             return None
         cached = self._calibrators.get(project)
-        if cached is None or cached[0] != len(scores):
-            cached = (len(scores), Calibrator().fit(scores, kept))
+        if cached is None or cached[0] != tally:
+            cached = (tally, Calibrator().fit(*self.outcomes(project)))
             self._calibrators[project] = cached
         return cached[1]
 
     def calibrated_projects(self) -> list[str]:
         """Projects with enough review data to calibrate (a cheap count, for /health)."""
         with self._lock:
-            rows = self._db.execute("SELECT project, COUNT(*), SUM(survived) FROM reviewed GROUP BY project").fetchall()
-        return [str(project) for project, count, kept in rows if count >= self.min_reviews and 0 < kept < count]
+            rows = self._db.execute(
+                "SELECT project, COUNT(*), COALESCE(SUM(survived), 0) FROM reviewed GROUP BY project"
+            ).fetchall()
+        return [str(project) for project, count, kept in rows if self._calibratable(count, kept)]
 
     def status(self) -> dict[str, Any]:
         with self._lock:
