@@ -82,7 +82,7 @@ def _rq_reporter() -> Reporter:
     return report
 
 
-def _rq_heartbeat(report: Reporter) -> threading.Event:
+def _rq_heartbeat() -> threading.Event:
     """Keep the job's heartbeat fresh while it works, so a dead worker is noticed within STALE_SECONDS."""
     stop = threading.Event()
     from rq import get_current_job
@@ -105,7 +105,7 @@ def train_job(project: int) -> dict:
     if settings.redis_url:
         RedisJobs(settings).clear_pending(project)
     report = _rq_reporter()
-    stop = _rq_heartbeat(report)
+    stop = _rq_heartbeat()
     try:
         return run_training(settings, project, report)
     finally:
@@ -114,7 +114,7 @@ def train_job(project: int) -> dict:
 
 def preannotate_job(project: int, task_ids: list[int] | None = None) -> dict:
     report = _rq_reporter()
-    stop = _rq_heartbeat(report)
+    stop = _rq_heartbeat()
     try:
         return run_preannotation(Settings.from_env(), project, task_ids, report)
     finally:
@@ -134,6 +134,8 @@ class RedisJobs:
         self.settings = settings
         self.name = settings.job_queue  # several backends can share one Redis under different names
         self.redis = Redis.from_url(settings.redis_url or "", socket_timeout=2, socket_connect_timeout=2)
+        # /health's Redis check must fit the 1 s Label Studio gives /health: its own client, short timeouts.
+        self._health_probe = Redis.from_url(settings.redis_url or "", socket_timeout=0.3, socket_connect_timeout=0.3)
         self.queue = Queue(self.name, connection=self.redis)
 
     def _pending_key(self, project: int) -> str:
@@ -204,11 +206,11 @@ class RedisJobs:
         return job_id
 
     def problem(self) -> str | None:
-        """Why queued work cannot run now (for /health), or None."""
+        """Why queued work cannot run now (for /health, which Label Studio gives 1 s), or None."""
         from redis.exceptions import RedisError
 
         try:
-            self.redis.ping()
+            self._health_probe.ping()
         except RedisError as exc:
             return f"the job queue (Redis) is unreachable ({type(exc).__name__}): webhooks answer 503 until it is back"
         return None

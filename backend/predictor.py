@@ -392,7 +392,10 @@ class Predictor:
         agreement: list[float | None] = [None] * len(judged)
         if self.versions is None or project is None:
             return agreement
-        for control, items in _group(list(enumerate(judged)), lambda pair: pair[1].control).items():
+        own_labels = [
+            (index, item) for index, item in enumerate(judged) if not item.from_classifier
+        ]  # no self-agreement
+        for control, items in _group(own_labels, lambda pair: pair[1].control).items():
             try:
                 classifier = self.versions.classifier(project, control)
                 if classifier is None:
@@ -402,7 +405,7 @@ class Predictor:
                 log.warning("classifier for project %s/%s failed (%s)", project, control, _describe(exc))
                 continue
             for (index, item), row in zip(items, probabilities, strict=True):
-                if item.label in classifier.labels and not item.from_classifier:  # no self-agreement
+                if item.label in classifier.labels:
                     agreement[index] = float(row[classifier.labels.index(item.label)])
         return agreement
 
