@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from backend.models.local import TransformersEngine
-from backend.models.tiny import _sharpen_lm_head, _train_tokenizer
+from backend.models.tiny import _sharpen_lm_head, _text_config, _train_tokenizer
 from tests.conftest import noise_image
 
 TEMPLATE = (
@@ -75,19 +75,12 @@ def qwen_engine(tmp_path_factory) -> TransformersEngine:
         window_size=56,
         fullatt_block_indexes=[1],
     )
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    text = {
+        **_text_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id),
+        "num_key_value_heads": 2,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "bos_token_id": None,
+    }
     config = Qwen2_5_VLConfig(
         vision_config=vision,
         text_config=text,

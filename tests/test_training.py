@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -103,8 +105,7 @@ def test_weighted_loss_is_the_weighted_mean_and_split_keeps_tasks_together():
 
 
 def test_exported_tasks_become_reviewed_or_mllm_only_items():
-    spec = parse_label_config((__import__("pathlib").Path(__file__).resolve().parents[1] / "label_config" /
-                               "boxes_and_tags.xml").read_text())  # fmt: skip
+    spec = parse_label_config((Path(__file__).resolve().parents[1] / "label_config" / "boxes_and_tags.xml").read_text())
     box = {"id": "b", "from_name": "label", "to_name": "image", "type": "rectanglelabels", "score": 0.4,
            "value": {"x": 1, "y": 2, "width": 30, "height": 40, "rectanglelabels": ["Dog"]}}  # fmt: skip
     tags = {"id": "tags", "from_name": "tags", "to_name": "image", "type": "choices", "score": 0.8,
