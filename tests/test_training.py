@@ -88,7 +88,7 @@ def test_multi_label_head_trains_on_tags(backbone):
     metrics = Classifier.build(backbone, LABELS, multi_label=True).fit(
         data, TrainingConfig(epochs=8, learning_rate=3e-3)
     )
-    assert 0.0 <= metrics["validation"]["mAP"] <= 1.0
+    assert metrics["validation"]["mAP"] > 0.8  # chance is about 1/3 for three balanced labels
 
 
 def test_weighted_loss_is_the_weighted_mean_and_split_keeps_tasks_together():
