@@ -28,21 +28,47 @@ def _load_settings() -> Settings:
         raise SystemExit(2) from None
 
 
-def serve(host: str, port: int, threads: int) -> None:
-    """Run the app under gunicorn: one worker process (one copy of the model), several threads."""
+RESERVED_THREADS = 4  # request threads no prediction can take: /health and /setup answer at once under any load
+
+
+def serve(host: str, port: int, threads: int | None) -> None:
+    """Run the app under gunicorn: one worker process (one copy of the model), several threads.
+
+    At most MAX_PREDICTS_IN_FLIGHT threads predict (more requests get a fast 503), and
+    RESERVED_THREADS more are always free, so Label Studio's 1 s /health never queues
+    behind predictions.
+    """
     from gunicorn.app.base import BaseApplication
+    from gunicorn.workers.gthread import ThreadWorker
 
     from backend.server import create_app
     from backend.service import build_service
 
     settings = _load_settings()
     _configure_logging(settings.log_level)
+    needed = settings.max_predicts_in_flight + RESERVED_THREADS
+    if threads is not None and threads < needed:
+        print(
+            f"mllm-backend: --threads {threads} raised to {needed} (MAX_PREDICTS_IN_FLIGHT="
+            f"{settings.max_predicts_in_flight} + {RESERVED_THREADS} kept for /health and /setup)",
+            file=sys.stderr,
+        )
+    threads = max(threads or 0, needed)
+
+    class _Worker(ThreadWorker):
+        """Stops listening as soon as it starts stopping: a request then is refused, not left hanging."""
+
+        def set_accept_enabled(self, enabled: bool) -> None:
+            super().set_accept_enabled(enabled)
+            if not enabled and not self.alive:
+                for listener in self.sockets:
+                    listener.close()
 
     class _Gunicorn(BaseApplication):
         def load_config(self) -> None:
             self.cfg.set("bind", f"{host}:{port}")
             self.cfg.set("workers", 1)
-            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("worker_class", _Worker)
             self.cfg.set("threads", threads)
             self.cfg.set("timeout", 300)
             self.cfg.set("accesslog", "-")
@@ -64,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     run = commands.add_parser("serve", help="start the ML backend (configured from the environment; see README)")
     run.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     run.add_argument("--port", type=int, default=9090, help="port (default 9090)")
-    run.add_argument("--threads", type=int, default=8, help="request threads in the one worker (default 8)")
+    threads_help = "request threads in the one worker (default and minimum: MAX_PREDICTS_IN_FLIGHT + 4)"
+    run.add_argument("--threads", type=int, default=None, help=threads_help)
 
     tiny = commands.add_parser(
         "tiny-model", help="write a tiny random checkpoint for offline demos/tests", description=TINY_HELP

@@ -12,6 +12,7 @@ piled up; later events join that pending run, so a project has at most one pendi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -38,6 +39,7 @@ class JobQueue(Protocol):
 
     def annotation_event(self, project: int) -> str | None: ...
     def train_now(self, project: int) -> str: ...
+    def problem(self) -> str | None: ...
     def preannotate(self, project: int, task_ids: list[int] | None = None) -> str: ...
     def status(self, job_id: str) -> dict[str, Any] | None: ...
 
@@ -145,38 +147,58 @@ class RedisJobs:
         return f"{self.name}:annotations:{project}"
 
     def _guard(self, action: Callable[[], Any]) -> Any:
-        from redis.exceptions import RedisError
+        from redis.exceptions import LockError, RedisError
 
         try:
             return action()
+        except LockError:
+            raise QueueUnavailable("the job queue is busy deciding this project's training; retry the event") from None
         except RedisError as exc:
             raise QueueUnavailable(f"the job queue (Redis) is unreachable: {type(exc).__name__}") from None
 
     def annotation_event(self, project: int) -> str | None:
-        return self._guard(lambda: self._annotation_event(project))
-
-    def _annotation_event(self, project: int) -> str | None:
-        count = self.redis.incr(self._count_key(project))
-        if self.redis.set(self._pending_key(project), "reserving", nx=True, ex=JOB_TIMEOUT):
-            delay = 0.0 if count >= self.settings.train_after_annotations else self.settings.train_debounce_seconds
-            return self._enqueue_training(project, delay)
-        pending = (self.redis.get(self._pending_key(project)) or b"").decode()
-        if count >= self.settings.train_after_annotations and self._scheduled(pending):
-            return self._enqueue_training(project, 0.0, replacing=pending)  # enough piled up: train now
-        return pending or None
+        return self._guard(lambda: self._decide(project, self._after_annotation))
 
     def train_now(self, project: int) -> str:
-        def now() -> str:
-            pending = (self.redis.get(self._pending_key(project)) or b"").decode()
-            return self._enqueue_training(project, 0.0, replacing=pending if self._scheduled(pending) else None)
+        return self._guard(lambda: self._decide(project, self._at_once))
 
-        return self._guard(now)
+    def _decide(self, project: int, decision: Callable[[int, str], str]) -> str:
+        """Run ``decision(project, pending job id)`` alone: one decision per project at a time, across every
+        process sharing this Redis, so concurrent events can never queue two trainings or cancel one twice."""
+        with self.redis.lock(f"{self.name}:training-lock:{project}", timeout=30, blocking_timeout=10):
+            pending = (self.redis.get(self._pending_key(project)) or b"").decode()
+            return decision(project, pending if self._exists(pending) else "")
+
+    def _after_annotation(self, project: int, pending: str) -> str:
+        count = self.redis.incr(self._count_key(project))
+        enough = count >= self.settings.train_after_annotations
+        if not pending:
+            return self._enqueue_training(project, 0.0 if enough else self.settings.train_debounce_seconds)
+        if enough and self._scheduled(pending):
+            return self._enqueue_training(project, 0.0, replacing=pending)  # enough piled up: train now
+        return pending
+
+    def _at_once(self, project: int, pending: str) -> str:
+        return self._enqueue_training(project, 0.0, replacing=pending if self._scheduled(pending) else None)
+
+    def _exists(self, job_id: str) -> bool:
+        """A pending mark whose job still waits or runs (its worker may have died, or rq expired it)."""
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job, JobStatus
+
+        if not job_id:
+            return False
+        try:
+            status = Job.fetch(job_id, connection=self.redis).get_status()
+        except NoSuchJobError:
+            return False
+        return status in {JobStatus.SCHEDULED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.STARTED}
 
     def _scheduled(self, job_id: str) -> bool:
         from rq.exceptions import NoSuchJobError
         from rq.job import Job, JobStatus
 
-        if not job_id or job_id == "reserving":
+        if not job_id:
             return False
         try:
             return Job.fetch(job_id, connection=self.redis).get_status() == JobStatus.SCHEDULED
@@ -184,10 +206,12 @@ class RedisJobs:
             return False
 
     def _enqueue_training(self, project: int, delay: float, replacing: str | None = None) -> str:
+        from rq.exceptions import InvalidJobOperation, NoSuchJobError
         from rq.job import Job
 
         if replacing:
-            Job.fetch(replacing, connection=self.redis).cancel()
+            with contextlib.suppress(InvalidJobOperation, NoSuchJobError):  # a worker took it: it runs, ours follows
+                Job.fetch(replacing, connection=self.redis).cancel()
         job_id = f"train-{project}-{uuid.uuid4().hex[:8]}"
         from rq import Retry
 
@@ -233,11 +257,15 @@ class RedisJobs:
         return [j.decode() for j in self._guard(lambda: self.redis.lrange(f"{self.name}:jobs:{project}", 0, 19))]
 
     def status(self, job_id: str) -> dict[str, Any] | None:
+
+        return self._guard(lambda: self._status(job_id))
+
+    def _status(self, job_id: str) -> dict[str, Any] | None:
         from rq.exceptions import NoSuchJobError
         from rq.job import Job
 
         try:
-            job = self._guard(lambda: Job.fetch(job_id, connection=self.redis))
+            job = Job.fetch(job_id, connection=self.redis)
         except NoSuchJobError:
             return None
         state = str(job.get_status(refresh=True))
@@ -272,41 +300,47 @@ class LocalJobs:
         self._jobs: dict[str, dict[str, Any]] = {}
         self._pending: dict[int, tuple[str, threading.Timer | None]] = {}
         self._counts: dict[int, int] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _schedule runs under it and _submit takes it again
 
     def annotation_event(self, project: int) -> str | None:
-        with self._lock:
+        with self._lock:  # decide and schedule in one step: concurrent events see one pending training
             self._counts[project] = self._counts.get(project, 0) + 1
             pending = self._pending.get(project)
             enough = self._counts[project] >= self.settings.train_after_annotations
             if pending is not None and not (enough and pending[1] is not None):
                 return pending[0]
-        return self._schedule(project, 0.0 if enough else self.settings.train_debounce_seconds)
+            return self._schedule(project, 0.0 if enough else self.settings.train_debounce_seconds)
 
     def train_now(self, project: int) -> str:
-        return self._schedule(project, 0.0)
+        with self._lock:
+            return self._schedule(project, 0.0)
+
+    def problem(self) -> str | None:
+        return None  # the in-process worker lives as long as the server
 
     def _schedule(self, project: int, delay: float) -> str:
-        with self._lock:
-            pending = self._pending.get(project)
-            if pending is not None and pending[1] is not None:
-                pending[1].cancel()
-                self._jobs[pending[0]]["status"] = "canceled"
-            job_id = f"train-{project}-{uuid.uuid4().hex[:8]}"
-            self._jobs[job_id] = {"id": job_id, "kind": "train", "project": project, "status": "scheduled",
-                                  "progress": 0.0, "stage": None}  # fmt: skip
-            timer = None
-            if delay > 0:
-                timer = threading.Timer(delay, self._submit, args=(job_id, project))
-                timer.daemon = True
-                timer.start()
-            self._pending[project] = (job_id, timer)
+        """Called with the lock held: replaces a scheduled (not yet started) training of the project."""
+        pending = self._pending.get(project)
+        if pending is not None and pending[1] is not None:
+            pending[1].cancel()
+            self._jobs[pending[0]]["status"] = "canceled"
+        job_id = f"train-{project}-{uuid.uuid4().hex[:8]}"
+        self._jobs[job_id] = {"id": job_id, "kind": "train", "project": project, "status": "scheduled",
+                              "progress": 0.0, "stage": None}  # fmt: skip
+        timer = None
+        if delay > 0:
+            timer = threading.Timer(delay, self._submit, args=(job_id, project))
+            timer.daemon = True
+            timer.start()
+        self._pending[project] = (job_id, timer)
         if delay <= 0:
             self._submit(job_id, project)
         return job_id
 
     def _submit(self, job_id: str, project: int) -> None:
         with self._lock:
+            if self._jobs[job_id]["status"] == "canceled":  # its timer fired as it was being replaced
+                return
             self._jobs[job_id]["status"] = "queued"
             self._pending[project] = (job_id, None)
         self._executor.submit(self._run, job_id, lambda report: self._train(project, job_id, report))

@@ -19,12 +19,14 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
+from backend import deadline
 from backend.annotate.boxes import FineName, label_crops, name_crops
 from backend.annotate.choice import Choice
 from backend.annotate.critic import judge
 from backend.annotate.mapping import LabelMapper
 from backend.annotate.suspicion import Signals, fuse
 from backend.annotate.tagging import Tags, TagSettings, classify_images, tag_images
+from backend.deadline import DeadlineExceeded
 from backend.labelstudio.auth import LabelStudioAuth
 from backend.labelstudio.client import LabelStudioSites
 from backend.labelstudio.config import (
@@ -33,10 +35,13 @@ from backend.labelstudio.config import (
     ImageChoiceTarget,
     ImageField,
     ProjectSpec,
+    check_label_count,
     parse_label_config,
 )
 from backend.labelstudio.media import ImageLoader, MediaError
+from backend.labelstudio.protocol import TaskError, label_studio_id, project_id
 from backend.labelstudio.regions import (
+    MODEL_IMAGE_MAX_PIXELS,
     Box,
     RegionError,
     box_from_region,
@@ -44,9 +49,10 @@ from backend.labelstudio.regions import (
     box_result,
     choices_result,
     crop_box,
+    shrink_to,
 )
 from backend.labelstudio.review import PredictedLabel
-from backend.labelstudio.tasks import project_id, user_boxes
+from backend.labelstudio.tasks import user_boxes
 from backend.metrics import Metrics
 from backend.models.engine import Engine, EngineUnavailable
 from backend.models.slot import EngineSlot
@@ -118,6 +124,36 @@ class _ImageJob:
     image: Image.Image
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """One task's crops and images, ready for the model."""
+
+    task: int
+    box_jobs: list[_BoxJob]
+    image_jobs: list[_ImageJob]
+
+    @property
+    def pixels(self) -> int:
+        held = [job.crop for job in self.box_jobs] + [job.image for job in self.image_jobs]
+        return sum(image.width * image.height for image in held)
+
+
+@dataclass
+class _Chunk:
+    """Tasks annotated together: their questions are batched, their pixels held at once."""
+
+    tasks: list[int] = field(default_factory=list)
+    box_jobs: list[_BoxJob] = field(default_factory=list)
+    image_jobs: list[_ImageJob] = field(default_factory=list)
+    pixels: int = 0
+
+    def add(self, prepared: _Prepared) -> None:
+        self.tasks.append(prepared.task)
+        self.box_jobs += prepared.box_jobs
+        self.image_jobs += prepared.image_jobs
+        self.pixels += prepared.pixels
+
+
 def model_version(s: Settings, prompts: PromptBook) -> str:
     """One stable string for (model, prompts, scoring, critic): returned by /setup, stamped on every prediction."""
     if s.model_version:
@@ -139,6 +175,8 @@ def run_isolated(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R | E
         return list(fn(items))
     except EngineUnavailable as exc:  # the provider is down: every item would fail the same way
         return [exc] * len(items)
+    except DeadlineExceeded:
+        raise
     except Exception as exc:
         if len(items) == 1:
             return [exc]
@@ -147,6 +185,8 @@ def run_isolated(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R | E
     for item in items:
         try:
             results.extend(fn([item]))
+        except DeadlineExceeded:
+            raise
         except Exception as exc:
             results.append(exc)
     return results
@@ -180,54 +220,123 @@ class Predictor:
     def model_version(self) -> str:
         return model_version(self.settings, self.prompts)
 
-    def predict(
-        self, tasks: list[dict], label_config: str, project: str | None, context: dict | None
-    ) -> list[dict | list]:
+    def spec(self, label_config: object) -> ProjectSpec:
+        """The label config read and checked against this backend's limits (raises UnsupportedConfig)."""
         spec = parse_label_config(label_config)
-        engine = self.slot.get(self.settings.predict_wait_seconds)
+        check_label_count(spec, self.settings.max_labels)
+        return spec
+
+    def predict(
+        self, tasks: list[Any], label_config: object, project: str | None, context: dict | None
+    ) -> list[dict | list]:
+        """One prediction (or per-task error) per task, in order.
+
+        Tasks are prepared in order and annotated in chunks whose images and crops fit
+        ``PREDICT_MAX_PIXELS``, so a request's memory is bounded however many tasks it has.
+        When the request's deadline (see :mod:`backend.deadline`) passes, the chunk under way
+        and the tasks not reached get an error saying so; finished chunks keep their predictions.
+        """
+        spec = self.spec(label_config)
+        engine = self.slot.get(deadline.bounded(self.settings.predict_wait_seconds))
         site = self.sites.for_project(project)
+        pid = project_id(project)
         outcomes = [_Outcome(task.get("id") if isinstance(task, dict) else None) for task in tasks]
-        box_jobs: list[_BoxJob] = []
-        image_jobs: list[_ImageJob] = []
+        chunk = _Chunk()
         for index, task in enumerate(tasks):
-            try:
-                boxes, images = self._prepare(index, task, spec, site, context)
-            except (MediaError, RegionError, KeyError, TypeError) as exc:
-                outcomes[index].fail(_describe(exc))
-                self.metrics.task_errors.labels(reason=_reason(exc)).inc()
+            if deadline.remaining() == 0:
+                self._fail(outcomes[index], "deadline", self._late_message())
                 continue
-            box_jobs += boxes
-            image_jobs += images
-        started, tokens_before = time.perf_counter(), getattr(engine, "tokens_processed", 0)
-        for target in spec.boxes:
-            mine = [j for j in box_jobs if _belongs(j.box, target)]
-            self._label_boxes(engine, target, mine, outcomes, project_id(project))
-        for text_target in spec.texts:
-            self._name_boxes(engine, text_target, spec, [j for j in box_jobs if _belongs(j.box, text_target)], outcomes)
-        self._choose_for_images(engine, image_jobs, outcomes)
-        judged = [j for outcome in outcomes if not outcome.error for j in outcome.judged]
-        self._score(engine, judged, project_id(project))
-        seconds = time.perf_counter() - started
-        self.metrics.model_seconds.observe(seconds)
+            prepared = self._prepare_safely(index, task, spec, site, context, outcomes[index])
+            if prepared is None:
+                continue
+            if chunk.tasks and chunk.pixels + prepared.pixels > self.settings.predict_max_pixels:
+                self._annotate_chunk(engine, spec, chunk, outcomes, pid)
+                chunk = _Chunk()
+            chunk.add(prepared)
+        self._annotate_chunk(engine, spec, chunk, outcomes, pid)
         version = self.model_version()
-        tokens = getattr(engine, "tokens_processed", 0) - tokens_before
-        self._remember(project_id(project), version, outcomes, seconds, tokens)
         predictions = [outcome.prediction(version) for outcome in outcomes]
         self.metrics.predictions.inc(sum(1 for p in predictions if isinstance(p, dict) and "result" in p))
         return predictions
 
+    def _annotate_chunk(
+        self, engine: Engine, spec: ProjectSpec, chunk: _Chunk, outcomes: list[_Outcome], project: int | None
+    ) -> None:
+        if not chunk.tasks:
+            return
+        started, tokens_before = time.perf_counter(), getattr(engine, "tokens_processed", 0)
+        try:
+            deadline.check("predicting")
+            self._ask(engine, spec, chunk, outcomes, project)
+        except DeadlineExceeded:
+            for index in chunk.tasks:
+                self._fail(outcomes[index], "deadline", self._late_message())
+        seconds = time.perf_counter() - started
+        self.metrics.model_seconds.observe(seconds)
+        tokens = getattr(engine, "tokens_processed", 0) - tokens_before
+        self._remember(project, self.model_version(), [outcomes[i] for i in chunk.tasks], seconds, tokens)
+
+    def _ask(
+        self, engine: Engine, spec: ProjectSpec, chunk: _Chunk, outcomes: list[_Outcome], project: int | None
+    ) -> None:
+        for target in spec.boxes:
+            mine = [j for j in chunk.box_jobs if _belongs(j.box, target)]
+            self._label_boxes(engine, target, mine, outcomes, project)
+        for text_target in spec.texts:
+            mine = [j for j in chunk.box_jobs if _belongs(j.box, text_target)]
+            self._name_boxes(engine, text_target, spec, mine, outcomes)
+        self._choose_for_images(engine, chunk.image_jobs, outcomes)
+        judged = [j for index in chunk.tasks if not outcomes[index].error for j in outcomes[index].judged]
+        self._score(engine, judged, project)
+
+    def _late_message(self) -> str:
+        return (
+            f"the request's time limit (PREDICT_DEADLINE_SECONDS={self.settings.predict_deadline_seconds:g}) ran out "
+            "before this task was predicted; retrieve predictions again for the tasks left, or pre-annotate the "
+            "project in the background (POST /jobs/preannotate)"
+        )
+
+    def _fail(self, outcome: _Outcome, reason: str, message: str) -> None:
+        outcome.fail(message)
+        self.metrics.task_errors.labels(reason=reason).inc()
+
     # --- images and crops -----------------------------------------------------------
+
+    def _prepare_safely(
+        self, index: int, task: Any, spec: ProjectSpec, site: LabelStudioAuth | None, context: dict | None,
+        outcome: _Outcome,
+    ) -> _Prepared | None:  # fmt: skip
+        """The task's crops and images, or None after recording why it cannot be annotated."""
+        try:
+            if not isinstance(task, dict):
+                raise TaskError(f"the task is a {type(task).__name__}, not a JSON object")
+            if task.get("id") is not None and label_studio_id(task.get("id")) is None:
+                raise TaskError(f"the task id {str(task.get('id'))[:30]} is not a Label Studio id (1 to 2^63 - 1)")
+            prepared = self._prepare(index, task, spec, site, context)
+        except (TaskError, MediaError, RegionError) as exc:
+            self._fail(outcome, _reason(exc), str(exc))
+            return None
+        except DeadlineExceeded:
+            self._fail(outcome, "deadline", self._late_message())
+            return None
+        except Exception as exc:  # a task must never sink the request; this one is a bug to report
+            log.exception("task %s could not be prepared", outcome.task_id)
+            self._fail(outcome, "data", f"the task could not be read ({type(exc).__name__}: {exc})"[:500])
+            return None
+        if prepared.pixels > self.settings.predict_max_pixels:
+            self._fail(outcome, "size", f"this task's images and regions hold {prepared.pixels} pixels at once, "
+                                        f"over PREDICT_MAX_PIXELS={self.settings.predict_max_pixels}")  # fmt: skip
+            return None
+        return prepared
 
     def _prepare(
         self, index: int, task: dict, spec: ProjectSpec, site: LabelStudioAuth | None, context: dict | None
-    ) -> tuple[list[_BoxJob], list[_ImageJob]]:
-        if not isinstance(task, dict):
-            raise TypeError("the task is not a JSON object")
+    ) -> _Prepared:
         loaded: dict[str, Image.Image] = {}
 
         def image(field_: ImageField) -> Image.Image:
             if field_.name not in loaded:
-                loaded[field_.name] = self.loader.load(field_.url(task), site, task.get("id"))
+                loaded[field_.name] = self.loader.load(field_.url(task), site, label_studio_id(task.get("id")))
             return loaded[field_.name]
 
         images_by_name = {f.name: f for f in spec.images}
@@ -241,8 +350,9 @@ class Predictor:
                             self.settings.box_min_side)  # fmt: skip
             box_jobs.append(_BoxJob(index, box, box_label(region), crop))
         interactive = bool(context and context.get("result"))
-        image_jobs = [] if interactive else [_ImageJob(index, t, image(t.image)) for t in spec.choices]
-        return box_jobs, image_jobs
+        image_jobs = [] if interactive else [_ImageJob(index, t, shrink_to(image(t.image), MODEL_IMAGE_MAX_PIXELS))
+                                             for t in spec.choices]  # fmt: skip
+        return _Prepared(index, box_jobs, image_jobs)
 
     # --- model questions ----------------------------------------------------------------
 
@@ -440,7 +550,7 @@ def _group(items: Sequence[T], key: Callable[[T], Any]) -> dict[Any, list[T]]:
 
 
 def _describe(exc: Exception) -> str:
-    return exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc) or type(exc).__name__
+    return str(exc) or type(exc).__name__
 
 
 def _reason(exc: Exception) -> str:

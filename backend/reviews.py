@@ -3,6 +3,12 @@
 Predicted labels (with their raw suspicion scores) are recorded when the backend predicts;
 Label Studio's annotation webhooks then say which of them a human kept. Stored in SQLite
 under ``MODEL_DIR`` so it survives restarts.
+
+Several processes share the file (the server and its workers, as docker-compose runs them):
+the database is in WAL mode, every write is one ``BEGIN IMMEDIATE`` transaction that waits
+for the others (``busy_timeout``), and a write that still cannot get the lock raises
+:class:`StoreBusy`, which the server answers 503 so Label Studio's event is not acknowledged
+and lost.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +37,41 @@ CREATE TABLE IF NOT EXISTS reviewed (
 """
 
 
+BUSY_TIMEOUT_SECONDS = 20.0  # how long a write waits for another process's transaction
+
+
+class StoreBusy(RuntimeError):
+    """The review store stayed locked by another process; nothing was written, retry the event."""
+
+
 class ReviewStore:
     def __init__(self, path: Path, min_reviews: int = 30) -> None:
         self.path = Path(path)
         self.min_reviews = min_reviews
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.executescript(_SCHEMA)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                   timeout=BUSY_TIMEOUT_SECONDS)  # fmt: skip
         self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer; outside any transaction
+        with self._writing() as db:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
         self._calibrators: dict[int, tuple[tuple[int, int], Calibrator]] = {}
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken before reading (so read-then-write is atomic across processes)."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StoreBusy(f"the review store {self.path.name} is locked by another process ({exc})") from None
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def record_predictions(
         self, project: int, model_version: str, labels: Sequence[PredictedLabel], annotator: Sequence[float] = ()
@@ -46,13 +79,13 @@ class ReviewStore:
         confidences = list(annotator) or [None] * len(labels)
         rows = [(project, p.task, p.region, p.control, p.label, p.raw, model_version, time.time(), a)
                 for p, a in zip(labels, confidences, strict=True)]  # fmt: skip
-        with self._lock:
-            self._db.executemany("INSERT OR REPLACE INTO predicted VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        with self._writing() as db:
+            db.executemany("INSERT OR REPLACE INTO predicted VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def record_usage(self, project: int, model_version: str, rows: Sequence[tuple[int, float, int, int, int]]) -> None:
         """(task, model seconds, images, boxes, tokens) per predicted task, for the cost report."""
-        with self._lock:
-            self._db.executemany(
+        with self._writing() as db:
+            db.executemany(
                 "INSERT OR REPLACE INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(project, task, model_version, s, i, b, t, time.time()) for task, s, i, b, t in rows],
             )
@@ -81,14 +114,14 @@ class ReviewStore:
 
     def record_annotation(self, project: int, task: int, result: Sequence[dict[str, Any]]) -> int:
         """Record which of our labels for ``task`` the human kept; returns how many were judged."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._writing() as db:
+            rows = db.execute(
                 "SELECT task, region, control, label, raw FROM predicted WHERE project = ? AND task = ?",
                 (project, task),
             ).fetchall()
             outcomes = review_outcomes([PredictedLabel(*row) for row in rows], result)
-            self._db.execute("DELETE FROM reviewed WHERE project = ? AND task = ?", (project, task))
-            self._db.executemany(
+            db.execute("DELETE FROM reviewed WHERE project = ? AND task = ?", (project, task))
+            db.executemany(
                 "INSERT INTO reviewed VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (project, p.task, p.region, p.control, p.label, p.raw, int(kept), time.time())
@@ -98,8 +131,8 @@ class ReviewStore:
         return len(outcomes)
 
     def forget_task(self, project: int, task: int) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM reviewed WHERE project = ? AND task = ?", (project, task))
+        with self._writing() as db:
+            db.execute("DELETE FROM reviewed WHERE project = ? AND task = ?", (project, task))
 
     def outcomes(self, project: int) -> tuple[list[float], list[bool]]:
         with self._lock:
@@ -132,14 +165,6 @@ class ReviewStore:
             cached = (tally, Calibrator().fit(*self.outcomes(project)))
             self._calibrators[project] = cached
         return cached[1]
-
-    def calibrated_projects(self) -> list[str]:
-        """Projects with enough review data to calibrate (a cheap count, for /health)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT project, COUNT(*), COALESCE(SUM(survived), 0) FROM reviewed GROUP BY project"
-            ).fetchall()
-        return [str(project) for project, count, kept in rows if self._calibratable(count, kept)]
 
     def status(self) -> dict[str, Any]:
         with self._lock:

@@ -9,19 +9,41 @@ import time
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import HTTPException
 
+from backend.deadline import deadline
 from backend.jobs import QueueUnavailable
 from backend.labelstudio.client import SetupInfo
-from backend.labelstudio.config import UnsupportedConfig, parse_label_config
+from backend.labelstudio.config import UnsupportedConfig
+from backend.labelstudio.protocol import BadRequest, parse_json, read_preannotate, read_predict, read_setup
 from backend.metrics import CONTENT_TYPE
 from backend.models.slot import ModelNotReady
 from backend.prompts import PromptError
+from backend.reviews import StoreBusy
 from backend.service import Service
 from backend.webhooks import handle_webhook
 
 log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 256 * 1024 * 1024
 RETRY_AFTER_SECONDS = "10"
+
+# What each failure means to the caller: (exception, HTTP status, extra headers). The message is the exception's own.
+ERRORS: tuple[tuple[type[Exception], int, dict[str, str]], ...] = (
+    (BadRequest, 400, {}),
+    (UnsupportedConfig, 400, {}),
+    (ModelNotReady, 503, {"Retry-After": RETRY_AFTER_SECONDS}),
+    (QueueUnavailable, 503, {"Retry-After": RETRY_AFTER_SECONDS}),
+    (StoreBusy, 503, {"Retry-After": "1"}),
+    (PromptError, 500, {}),  # the operator's prompt files are broken: no request can fix that
+)
+
+
+class _StrictJSON(DefaultJSONProvider):
+    """Responses are strict JSON: a NaN or infinity is a bug to fail loudly on, never a bare NaN for the caller."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return super().dumps(obj, allow_nan=False, **kwargs)
 
 
 def _error(message: str, status: int, **headers: str) -> Response:
@@ -31,16 +53,34 @@ def _error(message: str, status: int, **headers: str) -> Response:
     return response
 
 
-def _json_object() -> dict[str, Any] | Response:
-    body = request.get_json(silent=True, force=True)
-    if not isinstance(body, dict):
-        return _error("the request body is not a JSON object", 400)
-    return body
+def _json_object() -> dict[str, Any]:
+    """The request body as a JSON object, or BadRequest (answered 400 by the error table)."""
+    return parse_json(request.get_data(cache=False))
+
+
+def _register_errors(app: Flask) -> None:
+    for exception, status, headers in ERRORS:
+        app.register_error_handler(
+            exception, lambda exc, status=status, headers=headers: _error(str(exc), status, **headers)
+        )
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:  # 404, 405, 413 ... as JSON, never Werkzeug's HTML page
+        if exc.code == 413:
+            return _error(f"the request is over {MAX_REQUEST_BYTES} bytes; send fewer tasks per request", 413)
+        return _error(f"{exc.name}: {exc.description}", exc.code or 500)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:  # a bug: logged with its traceback, answered without one
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(f"internal error ({type(exc).__name__}); the backend's log has the details", 500)
 
 
 def create_app(service: Service) -> Flask:
     app = Flask("mllm-backend")
+    app.json = _StrictJSON(app)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    _register_errors(app)
     settings, predictor, metrics = service.settings, service.predictor, service.metrics
     admission = threading.BoundedSemaphore(settings.max_predicts_in_flight)  # overload: a fast 503, not a timeout
     service.slot.start()
@@ -57,14 +97,8 @@ def create_app(service: Service) -> Flask:
             return _error("the webhook secret is missing or wrong: add the header X-Webhook-Secret to the webhook "
                           "in Label Studio (Settings → Webhooks)", 401)  # fmt: skip
         credentials = settings.basic_auth
-        if credentials is None or request.path == "/health":
-            return None
-        auth = request.authorization
-        given_user = (auth.username or "") if auth else ""
-        given_pass = (auth.password or "") if auth else ""
-        user_ok = hmac.compare_digest(given_user.encode(), credentials[0].encode())
-        pass_ok = hmac.compare_digest(given_pass.encode(), credentials[1].encode())
-        if user_ok and pass_ok:
+        g.authenticated = credentials is not None and _basic_auth_matches(credentials)
+        if credentials is None or g.authenticated or request.path in {"/health", "/"}:
             return None
         return _error(
             "basic auth required: set the ML backend's Basic Auth user and password in Label Studio",
@@ -79,89 +113,62 @@ def create_app(service: Service) -> Flask:
         metrics.latency.labels(route=route).observe(time.perf_counter() - g.get("started", time.perf_counter()))
         return response
 
-    @app.errorhandler(413)
-    def too_large(_: Exception) -> Response:
-        return _error(f"the request is over {MAX_REQUEST_BYTES} bytes; send fewer tasks per request", 413)
-
+    @app.get("/")
     @app.get("/health")
     def health() -> Response | tuple[Response, int]:
+        """Label Studio gives this 1 s: nothing here waits on the model, SQLite or a lock held by predictions."""
         state = service.slot.state
         metrics.model_ready.set(1 if state == "ready" else 0)
-        body = {
-            "status": "UP",
-            "model_state": state,
-            "model": settings.mllm_model,
-            "model_version": predictor.model_version(),
-            # Projects whose scores are calibrated on their own review outcomes; elsewhere scores are raw fusions.
-            "calibrated_projects": predictor.reviews.calibrated_projects(),
-            "jobs": service.jobs.kind,  # "redis": rq workers; "in-process": a thread of this server
-        }
-        problem = service.jobs.problem() if hasattr(service.jobs, "problem") else None
-        if problem:
-            body.update(degraded=True, problem=problem)  # still serving predictions; background work is not queued
+        warnings = [problem] if (problem := service.jobs.problem()) else []
+        body: dict[str, Any] = {"status": "UP", "model_state": state, "model_version": predictor.model_version(),
+                                "warnings": warnings}  # fmt: skip
+        if g.get("authenticated"):  # what the deployment looks like, only for a caller who proved who they are
+            body.update(model=settings.mllm_model, jobs=service.jobs.kind)
         if state == "failed":
             return jsonify({**body, "status": "DOWN", "error": service.slot.error}), 503
         return jsonify(body)
 
     @app.post("/setup")
     def setup() -> Response:
-        body = _json_object()
-        if isinstance(body, Response):
-            return body
-        try:
-            parse_label_config(body.get("schema") or "")
-            version = predictor.model_version()
-        except (UnsupportedConfig, PromptError) as exc:
-            return _error(str(exc), 400)
-        project = str(body.get("project") or "")
-        service.sites.remember(project, SetupInfo(body.get("hostname"), body.get("access_token")))
+        setup = read_setup(_json_object())
+        predictor.spec(setup.schema)
+        version = predictor.model_version()
+        project = setup.project or ""
+        service.sites.remember(project, SetupInfo(setup.hostname, setup.access_token))
         service.version_sync.request(project, version)
         return jsonify({"model_version": version})
 
     @app.post("/predict")
     def predict() -> Response:
-        body = _json_object()
-        if isinstance(body, Response):
-            return body
-        tasks = body.get("tasks")
-        if not isinstance(tasks, list):
-            return _error("the request has no 'tasks' list; Label Studio sends {\"tasks\": [...], ...}", 400)
-        if len(tasks) > settings.max_tasks_per_request:
+        asked = read_predict(_json_object())
+        if len(asked.tasks) > settings.max_tasks_per_request:
             return _error(
-                f"{len(tasks)} tasks in one request is over MAX_TASKS_PER_REQUEST={settings.max_tasks_per_request}: "
-                "select fewer tasks, or pre-annotate the whole project in the background with "
-                'POST /jobs/preannotate {"project": <id>} (or `mllm-backend preannotate --project <id>`)',
+                f"{len(asked.tasks)} tasks in one request is over MAX_TASKS_PER_REQUEST="
+                f"{settings.max_tasks_per_request}: select fewer tasks, or pre-annotate the whole project in the "
+                'background with POST /jobs/preannotate {"project": <id>} (or `mllm-backend preannotate --project '
+                "<id>`)",
                 413,
             )
-        params = body.get("params") if isinstance(body.get("params"), dict) else {}
-        context = params.get("context") if isinstance(params.get("context"), dict) else None
         if not admission.acquire(blocking=False):
-            metrics.task_errors.labels(reason="overload").inc(len(tasks))
+            metrics.task_errors.labels(reason="overload").inc(len(asked.tasks))
             return _error(
                 f"the backend is busy ({settings.max_predicts_in_flight} predictions in flight); retry shortly",
                 503, **{"Retry-After": "2"},
             )  # fmt: skip
         try:
-            results = predictor.predict(tasks, body.get("label_config") or "", body.get("project"), context)
-        except UnsupportedConfig as exc:
-            return _error(str(exc), 400)
-        except ModelNotReady as exc:
-            return _error(str(exc), 503, **{"Retry-After": RETRY_AFTER_SECONDS})
-        except PromptError as exc:
-            return _error(str(exc), 500)
+            with deadline(settings.predict_deadline_seconds):
+                results = predictor.predict(asked.tasks, asked.label_config, asked.project, asked.context)
         finally:
             admission.release()
         version = predictor.model_version()
         if any(isinstance(r, dict) and "result" in r for r in results):
-            service.version_sync.request(str(body.get("project") or ""), version)
+            service.version_sync.request(asked.project or "", version)
         return jsonify({"results": results, "model_version": version})
 
     @app.post("/webhook")
     def webhook() -> Response:
         body = _json_object()
-        if isinstance(body, Response):
-            return body
-        action = str(body.get("action") or "")
+        action = str(body.get("action") or "")[:100]
         try:
             judged, job = handle_webhook(predictor.reviews, service.jobs, action, body)
         except QueueUnavailable as exc:
@@ -172,30 +179,20 @@ def create_app(service: Service) -> Flask:
 
     @app.get("/jobs/<job_id>")
     def job_status(job_id: str) -> Response:
-        try:
-            status = service.jobs.status(job_id)
-        except QueueUnavailable as exc:
-            return _error(str(exc), 503)
-        return jsonify(status) if status is not None else _error(f"no job {job_id}", 404)
+        status = service.jobs.status(job_id)
+        return jsonify(status) if status is not None else _error(f"no job {job_id[:100]}", 404)
 
     @app.post("/jobs/preannotate")
     def preannotate() -> Response:
-        body = _json_object()
-        if isinstance(body, Response):
-            return body
-        project, tasks = body.get("project"), body.get("tasks")
-        if not isinstance(project, int) or not (tasks is None or all(isinstance(t, int) for t in tasks)):
-            return _error('send {"project": <id>, "tasks": [<task id>, ...] or omitted for all}', 400)
-        try:
-            return jsonify({"job": service.jobs.preannotate(project, tasks)})
-        except QueueUnavailable as exc:
-            return _error(str(exc), 503)
+        project, tasks = read_preannotate(_json_object())
+        return jsonify({"job": service.jobs.preannotate(project, tasks)})
 
     @app.get("/versions")
     def versions() -> Response:
         version = predictor.model_version()
         classifiers = {str(p): service.versions.versions(p) for p in service.versions.projects()}
-        return jsonify({"versions": [version], "model_version": version, "calibration": predictor.reviews.status(),
+        return jsonify({"versions": [version], "model_version": version, "model": settings.mllm_model,
+                        "jobs": service.jobs.kind, "calibration": predictor.reviews.status(),
                         "classifiers": classifiers})  # fmt: skip
 
     @app.get("/metrics")
@@ -204,3 +201,12 @@ def create_app(service: Service) -> Flask:
         return Response(metrics.render(), content_type=CONTENT_TYPE)
 
     return app
+
+
+def _basic_auth_matches(credentials: tuple[str, str]) -> bool:
+    auth = request.authorization
+    given_user = (auth.username or "") if auth else ""
+    given_pass = (auth.password or "") if auth else ""
+    user_ok = hmac.compare_digest(given_user.encode(), credentials[0].encode())
+    pass_ok = hmac.compare_digest(given_pass.encode(), credentials[1].encode())
+    return user_ok and pass_ok

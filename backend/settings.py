@@ -79,7 +79,10 @@ class Settings:
     cascade: bool = False
     cascade_threshold: float = 0.9
     max_tasks_per_request: int = 200
-    max_predicts_in_flight: int = 16
+    max_predicts_in_flight: int = 4
+    predict_deadline_seconds: float = 90.0
+    predict_max_pixels: int = 64_000_000
+    max_labels: int = 1000
     webhook_secret: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
 
@@ -159,6 +162,23 @@ class _Reader:
             raise SettingsError(f"{name}={raw!r} is not an http(s) URL; set it to an address like {example}")
         return raw.rstrip("/")
 
+    def label_studio(self) -> tuple[str | None, str | None]:
+        """(URL, key); HumanSignal's names LABEL_STUDIO_HOST / LABEL_STUDIO_ACCESS_TOKEN are read too.
+
+        The operator's key is sent only to the Label Studio the operator named: a key without
+        a URL would otherwise go to whatever host a /setup request names.
+        """
+        url = self.url("LABEL_STUDIO_URL", example="http://localhost:8080") or self.url(
+            "LABEL_STUDIO_HOST", example="http://localhost:8080"
+        )
+        key = self.text("LABEL_STUDIO_API_KEY") or self.text("LABEL_STUDIO_ACCESS_TOKEN")
+        if key is not None and url is None:
+            raise SettingsError(
+                "LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not; set LABEL_STUDIO_URL to the Label Studio "
+                "this key belongs to (e.g. http://localhost:8080), so the key is never sent anywhere else"
+            )
+        return url, key
+
     def settings(self) -> Settings:
         model = self.text("MLLM_MODEL")
         if model is None:
@@ -202,6 +222,7 @@ class _Reader:
                     f"ALLOWED_MEDIA_HOSTS entry {host!r} is not a host; "
                     "set it to hosts as host or host:port, comma-separated"
                 )
+        label_studio_url, label_studio_key = self.label_studio()
         log_level = (self.text("LOG_LEVEL") or "INFO").upper()
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(f"LOG_LEVEL={log_level!r} is not a level; set it to DEBUG, INFO, WARNING or ERROR")
@@ -220,8 +241,8 @@ class _Reader:
             openai_max_retries=self.integer("OPENAI_MAX_RETRIES", 3, 0),
             openai_concurrency=self.integer("OPENAI_CONCURRENCY", 8, 1),
             openai_samples=self.integer("OPENAI_SAMPLES", 5, 1),
-            label_studio_url=self.url("LABEL_STUDIO_URL", example="http://localhost:8080"),
-            label_studio_api_key=self.text("LABEL_STUDIO_API_KEY"),
+            label_studio_url=label_studio_url,
+            label_studio_api_key=label_studio_key,
             model_dir=Path(self.text("MODEL_DIR") or "model_dir"),
             prompts_dir=prompts_dir,
             model_version=self.text("MODEL_VERSION"),
@@ -257,7 +278,10 @@ class _Reader:
             cascade=self.flag("CASCADE", False),
             cascade_threshold=self.number("CASCADE_THRESHOLD", 0.9, 0.0, 1.0),
             max_tasks_per_request=self.integer("MAX_TASKS_PER_REQUEST", 200, 1),
-            max_predicts_in_flight=self.integer("MAX_PREDICTS_IN_FLIGHT", 16, 1),
+            max_predicts_in_flight=self.integer("MAX_PREDICTS_IN_FLIGHT", 4, 1),
+            predict_deadline_seconds=self.number("PREDICT_DEADLINE_SECONDS", 90.0, 1.0),
+            predict_max_pixels=self.integer("PREDICT_MAX_PIXELS", 64_000_000, 1024),
+            max_labels=self.integer("MAX_LABELS", 1000, 2),
             webhook_secret=self.text("WEBHOOK_SECRET"),
             log_level=log_level,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from backend.jobs import LocalJobs, RedisJobs
+from backend.labelstudio.protocol import label_studio_id
 from backend.labelstudio.tasks import annotation_event
 from backend.reviews import ReviewStore
 
@@ -32,7 +33,7 @@ def queue_training(jobs: RedisJobs | LocalJobs, action: str, body: dict[str, Any
     """Annotation events (debounced) and "Start training" (at once) queue a training run."""
     if action == "START_TRAINING":
         project = body.get("project")
-        number = project.get("id") if isinstance(project, dict) else project
-        return jobs.train_now(number) if isinstance(number, int) else None
+        number = label_studio_id(project.get("id") if isinstance(project, dict) else project)
+        return jobs.train_now(number) if number is not None else None
     event = annotation_event(action, body)
     return jobs.annotation_event(event[0]) if event is not None else None

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from backend.labelstudio.config import UnsupportedConfig, parse_label_config
+from backend.labelstudio.protocol import TaskError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "label_config"
 
@@ -64,7 +65,7 @@ def test_missing_image_field_in_a_task_is_named():
     spec = parse_label_config(
         '<View><Image name="i" value="$photo"/><Choices name="c" toName="i"><Choice value="a"/></Choices></View>'
     )
-    with pytest.raises(KeyError, match="photo"):
+    with pytest.raises(TaskError, match="photo"):
         spec.choices[0].image.url({"data": {"image": "x"}})
 
 

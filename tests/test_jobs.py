@@ -88,7 +88,7 @@ def test_webhook_answers_503_when_redis_is_down_and_says_so(make_client):
     body = {"action": "START_TRAINING", "project": {"id": 1}}
     response = client.post("/webhook", json=body)
     assert response.status_code == 503 and "not queued" in response.get_json()["error"]
-    assert client.get("/health").get_json()["jobs"] == "redis"
+    assert client.get("/versions").get_json()["jobs"] == "redis"
 
 
 def test_in_process_queue_debounces_the_same_way_and_reports_failures():

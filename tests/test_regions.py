@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from backend.labelstudio.protocol import project_id
 from backend.labelstudio.regions import (
     RegionError,
     box_from_region,
@@ -11,7 +12,7 @@ from backend.labelstudio.regions import (
     crop_box,
     pixel_corners,
 )
-from backend.labelstudio.tasks import project_id, user_boxes
+from backend.labelstudio.tasks import user_boxes
 
 
 def region(x=10.0, y=20.0, width=30.0, height=40.0, rotation=0.0, **extra):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import requests
 
 from backend.labelstudio.auth import LabelStudioAuth
-from backend.labelstudio.tasks import project_id
+from backend.labelstudio.protocol import project_id
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,11 @@ class SetupInfo:
 class LabelStudioSites:
     """Resolves a project's Label Studio URL and key.
 
-    ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY`` win when set; otherwise the
-    ``hostname`` and ``access_token`` Label Studio sent in ``/setup`` are used.
+    With ``LABEL_STUDIO_URL`` set, every project lives there, and the operator's key (or,
+    without one, the token that project's ``/setup`` carried) goes there and nowhere else.
+    Without it, a project's ``/setup`` names its host, and only the token that came with
+    that ``/setup`` goes to it: the operator's key never follows a host a request names
+    (settings refuse a key without a URL).
     """
 
     def __init__(self, url: str | None, api_key: str | None, session: requests.Session | None = None) -> None:
@@ -45,10 +48,12 @@ class LabelStudioSites:
     def for_project(self, project: str | None) -> LabelStudioAuth | None:
         with self._lock:
             info = self._setups.get(project or "") or SetupInfo(None, None)
-            base = self._url or info.hostname
+            if self._url:
+                base, key = self._url, self._key or info.access_token
+            else:
+                base, key = info.hostname, info.access_token
             if not base:
                 return None
-            key = self._key or info.access_token
             cache_key = (base.rstrip("/"), key)
             if cache_key not in self._auths:
                 self._auths[cache_key] = LabelStudioAuth(base, key, self._session)

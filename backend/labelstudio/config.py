@@ -8,6 +8,8 @@ from typing import Literal
 
 from label_studio_sdk.label_interface import LabelInterface
 
+from backend.labelstudio.protocol import TaskError
+
 SUPPORTED = (
     "<RectangleLabels> on an <Image> (a label for each box a person drew), "
     '<Rectangle> plus <Choices perRegion="true"> on the same <Image>, '
@@ -36,10 +38,12 @@ class ImageField:
         if not self.value.startswith("$"):
             return self.value
         key = self.value[1:]
-        data = task.get("data") or {}
+        data = task.get("data")
+        if not isinstance(data, dict):
+            raise TaskError(f"the task's data is a {type(data).__name__}, not an object like {{{key!r}: <image URL>}}")
         url = data.get(key)
         if not isinstance(url, str) or not url.strip():
-            raise KeyError(
+            raise TaskError(
                 f"task data has no image URL under {key!r} (the <Image name={self.name!r}> reads {self.value})"
             )
         return url.strip()
@@ -135,10 +139,27 @@ def _choice_target(control, image: ImageField) -> ImageChoiceTarget:
     )
 
 
-@lru_cache(maxsize=64)
-def parse_label_config(config: str) -> ProjectSpec:
+def check_label_count(spec: ProjectSpec, max_labels: int) -> None:
+    """Refuse a control with more labels than ``max_labels``: every label is scored for every region or image."""
+    for target in (*spec.boxes, *spec.choices):
+        if len(target.labels) > max_labels:
+            raise UnsupportedConfig(
+                f"<{target.control}> has {len(target.labels)} labels, over MAX_LABELS={max_labels}: the model scores "
+                "every label for every region, so the cost grows with the label count; split the labels across "
+                "controls or raise MAX_LABELS"
+            )
+
+
+def parse_label_config(config: object) -> ProjectSpec:
     """Read a Label Studio label config; raise :class:`UnsupportedConfig` if nothing in it can be served."""
-    if not isinstance(config, str) or not config.strip():
+    if not isinstance(config, str):
+        raise UnsupportedConfig(f"the label config is a {type(config).__name__}, not an XML string")
+    return _parse_label_config(config)
+
+
+@lru_cache(maxsize=64)
+def _parse_label_config(config: str) -> ProjectSpec:
+    if not config.strip():
         raise UnsupportedConfig(f"the label config is empty; this backend supports {SUPPORTED}")
     try:
         interface = LabelInterface(config)

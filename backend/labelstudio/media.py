@@ -2,9 +2,12 @@
 
 Fetches only from Label Studio's own host (with its auth), ``data:`` URLs, and
 hosts listed in ``ALLOWED_MEDIA_HOSTS`` — checked again on every redirect, so a
-task author cannot make the backend fetch an internal address. Bytes and pixels
-are bounded, EXIF orientation is applied as browsers do, and repeated fetches
-come from a byte-bounded cache.
+task author cannot make the backend fetch an internal address. A URL is read once,
+by the parser that connects (:func:`parse_target`), and one that two parsers could
+read differently is refused, so the host that is checked is the host that is reached;
+a listed host's name is resolved once, checked, and that address is the one connected
+to. Bytes, pixels and the whole download's time are bounded, EXIF orientation is
+applied as browsers do, and repeated fetches come from a byte-bounded cache.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import io
 import ipaddress
 import socket
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
@@ -22,7 +26,11 @@ from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 import numpy as np
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import HTTPError, LocationParseError, ReadTimeoutError
+from urllib3.util import parse_url
 
+from backend import deadline
 from backend.labelstudio.auth import LabelStudioAuth, LabelStudioAuthError
 
 MAX_REDIRECTS = 3
@@ -37,8 +45,85 @@ class MediaError(ValueError):
 class MediaLimits:
     max_bytes: int
     max_pixels: int
-    timeout: float
+    timeout: float  # for one whole download, redirects included
     allowed_hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Target:
+    """An http(s) URL as the connection will read it: ``url`` is what is sent, the rest is where it goes."""
+
+    url: str
+    scheme: str
+    host: str  # lower case; an IPv6 address without brackets
+    port: int
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        return self.scheme, self.host, self.port
+
+
+def parse_target(url: str) -> Target:
+    """Read ``url`` once, with the parser that connects (requests over urllib3), or raise :class:`MediaError`.
+
+    Refused: what two URL parsers could read as different hosts (a backslash, credentials
+    before an ``@``, control characters), schemes other than http(s), and ports
+    outside 1-65535. What is left reads the same to every parser, so a check of the host
+    and the connection agree.
+    """
+    shown = redact(url)
+    if "\\" in url or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        raise MediaError(f"refusing the image URL {shown}: it has a backslash or a control character")
+    try:
+        sent = requests.Request("GET", url).prepare().url or ""
+        parsed = parse_url(sent)
+        split = urlsplit(sent)
+        split_port = split.port
+    except (requests.RequestException, LocationParseError, ValueError):
+        raise MediaError(f"refusing the image URL {shown}: its host or port cannot be read") from None
+    scheme = (parsed.scheme or "").lower()
+    if scheme not in {"http", "https"}:
+        raise MediaError(f"unsupported image URL {shown}: use http(s), a Label Studio path or a data: URL")
+    if parsed.auth is not None or "@" in split.netloc:
+        raise MediaError(f"refusing the image URL {shown}: it carries credentials before the host")
+    host = (parsed.host or "").lower().strip("[]")
+    port = parsed.port or (443 if scheme == "https" else 80)
+    if not host or host != (split.hostname or "") or (split_port or port) != port or not 0 < port < 65536:
+        raise MediaError(f"refusing the image URL {shown}: its host or port is ambiguous")
+    return Target(sent, scheme, host, port)
+
+
+class _PinnedAddress(HTTPAdapter):
+    """Connects to an address checked in advance instead of resolving the URL's host again.
+
+    The URL (and so the Host header, TLS server name and certificate check) keeps the name;
+    only the TCP connection goes to ``address``.
+    """
+
+    def __init__(self, host: str, address: str) -> None:
+        self._host, self._address = host, address
+        super().__init__(max_retries=0)
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):  # noqa: ANN001, ANN201
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        host_params["host"] = self._address
+        if host_params.get("scheme") == "https":
+            pool_kwargs.update(server_hostname=self._host, assert_hostname=self._host)
+        return host_params, pool_kwargs
+
+    def send(self, request, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+        request.headers.setdefault("Host", urlsplit(request.url).netloc)
+        return super().send(request, *args, **kwargs)
+
+
+def pinned_session(host: str, address: str) -> requests.Session:
+    """A session whose connections for ``host`` go to ``address`` (and no proxy, which would resolve again)."""
+    session = requests.Session()
+    session.trust_env = False
+    adapter = _PinnedAddress(host, address)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 def redact(url: str, keep_query: bool = False) -> str:
@@ -46,17 +131,13 @@ def redact(url: str, keep_query: bool = False) -> str:
     unless ``keep_query``: Label Studio's own URLs carry only file names there."""
     if url.startswith("data:"):
         return url[: url.find(",")] + ",…" if "," in url else "data:…"
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", f":{parts.port}" if parts.port else ""
+    except ValueError:  # an unreadable port or host: show no authority at all
+        return "(an unreadable URL)"
     query = (f"?{parts.query}" if keep_query else "?…") if parts.query else ""
     return f"{parts.scheme}://{host}{port}{parts.path}{query}"
-
-
-def _origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
-    default = 443 if parts.scheme == "https" else 80
-    return parts.scheme, (parts.hostname or "").lower(), parts.port or default
 
 
 class _ByteCache:
@@ -124,68 +205,80 @@ class ImageLoader:
             return urljoin(site.base_url + "/", url.lstrip("/"))
         raise MediaError(f"unsupported image URL {redact(url)}: use http(s), a Label Studio path or a data: URL")
 
-    def _allowed(self, url: str) -> bool:
-        scheme, host, port = _origin(url)
-        if scheme not in {"http", "https"}:
-            return False
+    def _allowed(self, target: Target) -> bool:
         allowed = self.limits.allowed_hosts
-        return host in allowed or f"{host}:{port}" in allowed
+        return target.host in allowed or f"{target.host}:{target.port}" in allowed
 
     @staticmethod
-    def _check_resolution(url: str) -> None:
-        """An allowed *name* must not resolve to an internal address (DNS rebinding); allowed IPs are taken as meant."""
-        host = urlsplit(url).hostname or ""
+    def _checked_address(target: Target) -> str:
+        """The address to connect to for an allowed host: an IP as written is taken as meant; a *name* is
+        resolved once here, and every address it resolves to must be public (DNS rebinding)."""
         try:
-            ipaddress.ip_address(host)
-            return
+            ipaddress.ip_address(target.host)
+            return target.host
         except ValueError:
             pass
         try:
-            addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-        except OSError:
-            raise MediaError(f"cannot resolve the image host {host}") from None
+            addresses = [info[4][0] for info in socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)]
+        except (OSError, UnicodeError):
+            raise MediaError(f"cannot resolve the image host {target.host}") from None
         for address in addresses:
             ip = ipaddress.ip_address(address.split("%")[0])
             if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
                 raise MediaError(
-                    f"refusing to fetch {redact(url)}: {host} resolves to the internal address {ip}; "
+                    f"refusing to fetch {redact(target.url)}: {target.host} resolves to the internal address {ip}; "
                     "list that address itself in ALLOWED_MEDIA_HOSTS if it is meant"
                 )
+        if not addresses:
+            raise MediaError(f"cannot resolve the image host {target.host}")
+        return addresses[0]
 
-    def _is_label_studio(self, url: str, site: LabelStudioAuth | None) -> bool:
-        return site is not None and _origin(url) == _origin(site.base_url)
+    def _is_label_studio(self, target: Target, site: LabelStudioAuth | None) -> bool:
+        return site is not None and target.origin == parse_target(site.base_url).origin
 
     def _download(self, url: str, site: LabelStudioAuth | None) -> bytes:
+        ends = time.monotonic() + deadline.bounded(self.limits.timeout)  # the whole download, redirects included
         for _ in range(MAX_REDIRECTS + 1):
-            from_label_studio = self._is_label_studio(url, site)
-            if not from_label_studio and not self._allowed(url):
-                host = urlsplit(url).hostname
+            target = parse_target(url)
+            from_label_studio = self._is_label_studio(target, site)
+            if not from_label_studio and not self._allowed(target):
                 raise MediaError(
-                    f"refusing to fetch {redact(url)}: {host} is neither Label Studio's host nor listed in "
-                    "ALLOWED_MEDIA_HOSTS"
+                    f"refusing to fetch {redact(target.url)}: {target.host} is neither Label Studio's host nor listed "
+                    "in ALLOWED_MEDIA_HOSTS"
                 )
-            if not from_label_studio:
-                self._check_resolution(url)
             try:
                 headers = site.headers() if (from_label_studio and site is not None) else {}
             except LabelStudioAuthError as exc:
                 raise MediaError(str(exc)) from None
-            try:
-                response = self.session.get(
-                    url, headers=headers, timeout=self.limits.timeout, stream=True, allow_redirects=False
-                )
-            except requests.Timeout:
-                raise MediaError(f"timed out after {self.limits.timeout:g} s fetching {redact(url)}") from None
-            except requests.RequestException as exc:
-                raise MediaError(f"could not fetch {redact(url)} ({type(exc).__name__})") from None
-            shown = redact(url, keep_query=from_label_studio)
-            with response:
-                if response.is_redirect:
-                    url = urljoin(url, response.headers.get("Location", ""))
-                    continue
-                self._check_status(response.status_code, shown, from_label_studio)
-                return self._read_bounded(response, shown)
+            if from_label_studio:
+                data, location = self._get(self.session, target, headers, ends, from_label_studio)
+            else:
+                with pinned_session(target.host, self._checked_address(target)) as session:
+                    data, location = self._get(session, target, headers, ends, from_label_studio)
+            if location is None:
+                return data
+            url = urljoin(target.url, location)
         raise MediaError(f"too many redirects fetching {redact(url)}")
+
+    def _get(
+        self, session: requests.Session, target: Target, headers: dict[str, str], ends: float, from_label_studio: bool
+    ) -> tuple[bytes, str | None]:
+        """(body, None), or (b"", where it redirects to)."""
+        left = ends - time.monotonic()
+        if left <= 0:
+            raise MediaError(f"timed out after {self.limits.timeout:g} s fetching {redact(target.url)}")
+        try:
+            response = session.get(target.url, headers=headers, timeout=left, stream=True, allow_redirects=False)
+        except requests.Timeout:
+            raise MediaError(f"timed out after {self.limits.timeout:g} s fetching {redact(target.url)}") from None
+        except requests.RequestException as exc:
+            raise MediaError(f"could not fetch {redact(target.url)} ({type(exc).__name__})") from None
+        shown = redact(target.url, keep_query=from_label_studio)
+        with response:
+            if response.is_redirect:
+                return b"", response.headers.get("Location", "")
+            self._check_status(response.status_code, shown, from_label_studio)
+            return self._read_bounded(response, shown, ends), None
 
     @staticmethod
     def _check_status(status: int, shown: str, from_label_studio: bool) -> None:
@@ -197,18 +290,23 @@ class ImageLoader:
         if status >= 400:
             raise MediaError(f"fetching {shown} answered HTTP {status}")
 
-    def _read_bounded(self, response: requests.Response, shown: str) -> bytes:
+    def _read_bounded(self, response: requests.Response, shown: str, ends: float) -> bytes:
+        """The body, refused past MEDIA_MAX_BYTES or past ``ends``: a trickle cannot stretch the download."""
         limit = self.limits.max_bytes
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise MediaError(f"{shown} is {int(declared)} bytes, over MEDIA_MAX_BYTES={limit}")
         buffer = io.BytesIO()
         try:
-            for chunk in response.iter_content(64 * 1024):
+            while chunk := response.raw.read1(64 * 1024, decode_content=True):  # returns whatever has arrived
                 buffer.write(chunk)
                 if buffer.tell() > limit:
                     raise MediaError(f"{shown} is over MEDIA_MAX_BYTES={limit} bytes")
-        except requests.RequestException as exc:
+                if time.monotonic() > ends:
+                    raise MediaError(f"timed out after {self.limits.timeout:g} s fetching {shown}")
+        except (requests.RequestException, HTTPError, OSError) as exc:
+            if isinstance(exc, (ReadTimeoutError, TimeoutError, requests.Timeout)):
+                raise MediaError(f"timed out after {self.limits.timeout:g} s fetching {shown}") from None
             raise MediaError(f"the download of {shown} broke off ({type(exc).__name__})") from None
         return buffer.getvalue()
 

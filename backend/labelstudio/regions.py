@@ -14,6 +14,8 @@ from typing import Any
 from PIL import Image
 
 _BOX_TYPES = {"rectanglelabels", "rectangle"}
+MAX_PERCENT = 1000.0  # a box reaching ten image-widths away is not a region of this image
+MODEL_IMAGE_MAX_PIXELS = 4096 * 4096  # more than any model's processor takes in; larger crops and images shrink to it
 
 
 class RegionError(ValueError):
@@ -40,17 +42,19 @@ class Box:
 
 def box_from_region(region: dict[str, Any]) -> Box:
     """Read a rectangle region of a result list; raise :class:`RegionError` if it is not a usable box."""
-    value = region.get("value") or {}
+    value = region.get("value")
     region_id = str(region.get("id") or "?")
-    try:
-        x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
-        rotation = float(value.get("rotation") or 0.0)
-    except (KeyError, TypeError, ValueError):
-        raise RegionError(f"box {region_id} has no numeric x/y/width/height") from None
-    if not all(math.isfinite(v) for v in (x, y, w, h, rotation)):
-        raise RegionError(f"box {region_id} has a non-finite coordinate")
+    if not isinstance(value, dict):
+        raise RegionError(f"box {region_id} has no value object with x/y/width/height")
+    x, y, w, h = (_number(value.get(k), f"box {region_id} {k}") for k in ("x", "y", "width", "height"))
+    rotation = _number(value.get("rotation") or 0.0, f"box {region_id} rotation")
+    image_rotation = _number(region.get("image_rotation") or 0.0, f"box {region_id} image_rotation")
     if w <= 0 or h <= 0:
         raise RegionError(f"box {region_id} has zero or negative size ({w:g}% x {h:g}%)")
+    if max(abs(x), abs(y), w, h) > MAX_PERCENT:
+        raise RegionError(
+            f"box {region_id} reaches {max(abs(x), abs(y), w, h):g}% of the image, past ±{MAX_PERCENT:g}%"
+        )
     return Box(
         id=region_id,
         from_name=str(region.get("from_name", "")),
@@ -60,15 +64,35 @@ def box_from_region(region: dict[str, Any]) -> Box:
         width=w,
         height=h,
         rotation=rotation,
-        original_width=region.get("original_width"),
-        original_height=region.get("original_height"),
-        image_rotation=float(region.get("image_rotation") or 0.0),
+        original_width=_size(region.get("original_width")),
+        original_height=_size(region.get("original_height")),
+        image_rotation=image_rotation,
     )
+
+
+def _number(raw: object, what: str) -> float:
+    """A finite number (Label Studio sends numbers; a string of digits is taken too)."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise RegionError(f"{what} is not a number")
+    try:
+        number = float(raw)
+    except (ValueError, OverflowError):
+        raise RegionError(f"{what} is not a number ({str(raw)[:40]!r})") from None
+    if not math.isfinite(number):
+        raise RegionError(f"{what} is not a finite number")
+    return number
+
+
+def _size(raw: object) -> int | None:
+    """An image dimension as Label Studio records it, or None when it is not a plausible one."""
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 < raw <= 10**6:
+        return None
+    return raw
 
 
 def rectangle_regions(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rectangle regions among a result list (other result types are skipped)."""
-    return [r for r in results if isinstance(r, dict) and r.get("type") in _BOX_TYPES]
+    return [r for r in results if isinstance(r, dict) and str(r.get("type")) in _BOX_TYPES]
 
 
 def pixel_corners(box: Box, image_width: int, image_height: int) -> list[tuple[float, float]]:
@@ -81,12 +105,15 @@ def pixel_corners(box: Box, image_width: int, image_height: int) -> list[tuple[f
     return [(x0 + u * cos - v * sin, y0 + u * sin + v * cos) for u, v in local]
 
 
-def crop_box(image: Image.Image, box: Box, padding: float = 0.0, min_side: int = 1) -> Image.Image:
+def crop_box(
+    image: Image.Image, box: Box, padding: float = 0.0, min_side: int = 1, max_pixels: int = MODEL_IMAGE_MAX_PIXELS
+) -> Image.Image:
     """The pixels inside ``box``, upright, with context around it.
 
     ``padding`` adds that fraction of the box's width/height on each side; a box smaller than
     ``min_side`` pixels grows to it. Context outside the image is clipped (unrotated boxes)
-    or black (rotated boxes).
+    or black (rotated boxes). A crop over ``max_pixels`` is scaled down to it, so the memory
+    a box costs is bounded whatever its coordinates.
     """
     width, height = image.size
     corners = pixel_corners(box, width, height)
@@ -100,14 +127,26 @@ def crop_box(image: Image.Image, box: Box, padding: float = 0.0, min_side: int =
         left, top = max(0, round(min(xs) - pad_x)), max(0, round(min(ys) - pad_y))
         right, bottom = min(width, round(max(xs) + pad_x)), min(height, round(max(ys) + pad_y))
         right, bottom = max(right, left + 1), max(bottom, top + 1)
-        return image.crop((left, top, right, bottom))
-    out_w, out_h = max(1, round(box_w + 2 * pad_x)), max(1, round(box_h + 2 * pad_y))
+        return shrink_to(image.crop((left, top, right, bottom)), max_pixels)
+    full_w, full_h = box_w + 2 * pad_x, box_h + 2 * pad_y
+    scale = min(1.0, math.sqrt(max_pixels / max(full_w * full_h, 1.0)))  # < 1: sample the box sparser, not bigger
+    out_w, out_h = max(1, min(round(full_w * scale), max_pixels)), max(1, min(round(full_h * scale), max_pixels))
     theta = math.radians(box.rotation)
-    cos, sin = math.cos(theta), math.sin(theta)
+    cos, sin = math.cos(theta) / scale, math.sin(theta) / scale
     x0, y0 = corners[0]
     # PIL maps each output pixel (u, v) to input (a*u + b*v + c, d*u + e*v + f); (pad_x, pad_y) is the box corner.
-    affine = (cos, -sin, x0 - pad_x * cos + pad_y * sin, sin, cos, y0 - pad_x * sin - pad_y * cos)
+    px, py = pad_x * scale, pad_y * scale
+    affine = (cos, -sin, x0 - px * cos + py * sin, sin, cos, y0 - px * sin - py * cos)
     return image.transform((out_w, out_h), Image.Transform.AFFINE, affine, Image.Resampling.BILINEAR)
+
+
+def shrink_to(image: Image.Image, max_pixels: int) -> Image.Image:
+    """``image`` scaled down (aspect kept) to at most ``max_pixels``, or itself when it is within."""
+    width, height = image.size
+    if width * height <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (width * height))
+    return image.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.Resampling.BILINEAR)
 
 
 def box_result(box: Box, control: str, to_name: str, result_type: str, payload: dict, score: float | None) -> dict:
@@ -137,7 +176,9 @@ _LABEL_KEYS = ("rectanglelabels", "labels", "choices", "polygonlabels", "keypoin
 
 def region_labels(region: dict[str, Any] | None) -> tuple[str, ...]:
     """The labels or choices a result region carries, whatever its control type."""
-    value = (region or {}).get("value") or {}
+    value = (region or {}).get("value")
+    if not isinstance(value, dict):
+        return ()
     return tuple(str(label) for key in _LABEL_KEYS if isinstance(value.get(key), list) for label in value[key])
 
 

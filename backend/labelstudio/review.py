@@ -32,11 +32,11 @@ def review_outcomes(
     result for that control contains it; a control absent from the result means "none".
     A box the human deleted says nothing about its label and is skipped.
     """
-    regions = [r for r in annotation_result if isinstance(r, dict)]
+    regions = [r for r in annotation_result if isinstance(r, dict) and isinstance(r.get("value"), dict)]
     by_id = {(str(r.get("id")), r.get("from_name")): r for r in regions}
     by_control: dict[str, set[str]] = {}
     for region in regions:
-        if "x" not in (region.get("value") or {}):
+        if "x" not in region["value"]:
             by_control.setdefault(str(region.get("from_name")), set()).update(region_labels(region))
     outcomes = []
     for label in predicted:

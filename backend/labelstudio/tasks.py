@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from backend.labelstudio.protocol import label_studio_id
 from backend.labelstudio.regions import rectangle_regions
 
 
@@ -17,20 +18,18 @@ def user_boxes(task: dict[str, Any], context: dict[str, Any] | None) -> list[dic
     """
     if context and isinstance(context.get("result"), list) and context["result"]:
         return rectangle_regions(context["result"])
-    sources = [d for d in task.get("drafts") or [] if isinstance(d, dict)]
-    sources += [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+    sources = [d for d in _list(task.get("drafts")) if isinstance(d, dict)]
+    sources += [a for a in _list(task.get("annotations")) if isinstance(a, dict) and not a.get("was_cancelled")]
     sources.sort(key=lambda s: str(s.get("updated_at") or s.get("created_at") or ""), reverse=True)
     for source in sources:
-        boxes = rectangle_regions(source.get("result") or [])
+        boxes = rectangle_regions(_list(source.get("result")))
         if boxes:
             return boxes
     return []
 
 
-def project_id(project: object) -> int | None:
-    """Label Studio sends the project as "<id>.<created_at epoch>"."""
-    head = str(project or "").split(".", 1)[0]
-    return int(head) if head.isdigit() else None
+def _list(value: object) -> list:
+    return value if isinstance(value, list) else []
 
 
 def annotation_event(action: str, body: dict[str, Any]) -> tuple[int, int, list[dict] | None] | None:
@@ -42,12 +41,12 @@ def annotation_event(action: str, body: dict[str, Any]) -> tuple[int, int, list[
     if not isinstance(annotation, dict):
         return None
     project = body.get("project")
-    project_number = project.get("id") if isinstance(project, dict) else annotation.get("project")
+    project_number = label_studio_id(project.get("id") if isinstance(project, dict) else annotation.get("project"))
     task = annotation.get("task")
-    task_id = task.get("id") if isinstance(task, dict) else task
-    if not isinstance(project_number, int) or not isinstance(task_id, int):
+    task_id = label_studio_id(task.get("id") if isinstance(task, dict) else task)
+    if project_number is None or task_id is None:
         return None
     if action.endswith("DELETED") or annotation.get("was_cancelled"):
         return project_number, task_id, None
     result = annotation.get("result")
-    return project_number, task_id, result if isinstance(result, list) else []
+    return project_number, task_id, [r for r in result if isinstance(r, dict)] if isinstance(result, list) else []

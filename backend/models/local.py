@@ -7,7 +7,8 @@ import inspect
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from backend import deadline
+from backend.deadline import DeadlineExceeded
 from backend.models.engine import EngineError, Generation, OptionScores, OptionScoring, normalise
 
 log = logging.getLogger(__name__)
@@ -242,7 +245,19 @@ class TransformersEngine:
             for k, v in batch.items()
         }
 
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """The model, one request at a time; a request whose deadline passes while it waits gives up its turn."""
+        left = deadline.remaining()
+        if not self._lock.acquire(timeout=-1 if left is None else left):
+            raise DeadlineExceeded("the request's time limit ran out while waiting for the model")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     def _forward(self, **inputs: object):
+        deadline.check("running the model")  # between forward passes: a request stops within one pass
         self.forward_passes += 1
         self.tokens_processed += int(inputs["input_ids"].numel())  # type: ignore[union-attr]
         return self.model(**inputs)
@@ -256,7 +271,7 @@ class TransformersEngine:
         prefix = self.chat_prefix(prompt)
         answers = [list(self._answer_ids(prompt, option)) for option in options]
         prompts = self._encode_prompts(images, prefix)
-        with self._lock:
+        with self._turn():
             summed = (
                 self._score_with_prefix_cache(prompts, answers)
                 if self.prefix_cache
@@ -348,8 +363,9 @@ class TransformersEngine:
     def generate(self, images: Sequence[Image.Image], prompt: str, max_new_tokens: int = 32) -> list[Generation]:
         prefix = self.chat_prefix(prompt)
         results: list[Generation] = []
-        with self._lock:
+        with self._turn():
             for image in images:  # one at a time: processors differ in how they batch images
+                deadline.check("generating text")
                 inputs = self._to_model(self._encode_prompt(image, prefix))
                 self.forward_passes += 1
                 output = self.model.generate(

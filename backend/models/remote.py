@@ -37,6 +37,7 @@ import numpy as np
 import requests
 from PIL import Image
 
+from backend import deadline
 from backend.models.engine import EngineError, EngineUnavailable, Generation, OptionScores
 
 log = logging.getLogger(__name__)
@@ -152,22 +153,25 @@ class OpenAIEngine:
         }
         url = f"{self.base_url}/chat/completions"
         for attempt in range(self.max_retries + 1):
+            deadline.check("waiting for the model server")
             try:
                 self.requests_sent += 1
-                response = self.session.post(url, json=body, headers=self._headers(), timeout=(5.0, self.timeout))
+                timeout = (deadline.bounded(5.0), deadline.bounded(self.timeout))
+                response = self.session.post(url, json=body, headers=self._headers(), timeout=timeout)
             except requests.Timeout:
+                deadline.check("waiting for the model server")  # our time ran out, not the server's
                 raise self._went_down(
                     f"the model server at {self.base_url} did not answer within {self.timeout:g} s"
                 ) from None
             except requests.ConnectionError:
                 if attempt < self.max_retries:
-                    time.sleep(self._backoff(attempt, None))
+                    time.sleep(deadline.bounded(self._backoff(attempt, None)))
                     continue
                 raise self._went_down(
                     f"cannot connect to the model server at {self.base_url} (OPENAI_BASE_URL)"
                 ) from None
             if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
-                time.sleep(self._backoff(attempt, response.headers.get("Retry-After")))
+                time.sleep(deadline.bounded(self._backoff(attempt, response.headers.get("Retry-After"))))
                 continue
             return self._parse(response)
         raise AssertionError("unreachable")
@@ -219,7 +223,7 @@ class OpenAIEngine:
     def score_options(self, images: Sequence[Image.Image], prompt: str, options: Sequence[str]) -> OptionScores:
         if not options:
             raise EngineError("no options to score")
-        rows = list(self._pool.map(lambda image: self._score_one(image, prompt, options), images))
+        rows = list(self._pool.map(deadline.carry(lambda image: self._score_one(image, prompt, options)), images))
         logprobs = np.vstack([row for row, _ in rows]) if rows else np.empty((0, len(options)))
         return OptionScores(options=tuple(options), logprobs=logprobs, mapped=np.array([m for _, m in rows]))
 
@@ -266,7 +270,7 @@ class OpenAIEngine:
             token_logprobs = tuple(float(t["logprob"]) for t in content) if content else None
             return Generation(_content(payload).strip(), token_logprobs)
 
-        return list(self._pool.map(one, images))
+        return list(self._pool.map(deadline.carry(one), images))
 
 
 def _content(payload: dict) -> str:

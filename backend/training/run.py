@@ -95,7 +95,7 @@ def train_project(settings: Settings, project: int, progress: Callable[[float, s
     except Exception as exc:  # httpx errors, SDK ApiError: say where, never with the key
         raise RuntimeError(
             f"cannot export project {project} from Label Studio at {settings.label_studio_url} "
-            f"({type(exc).__name__}); the job is retried with backoff"
+            f"({type(exc).__name__}); check that Label Studio is reachable and the key can read the project"
         ) from None
     ours = model_version(settings, PromptBook(settings.prompts_dir))
     tasks = project_tasks(client, project)

@@ -1,15 +1,19 @@
 """Trained classifier versions on disk: ``MODEL_DIR/<project>/<version>/``, and a ``current`` pointer.
 
-A run writes into ``.partial-<version>/`` and is renamed to ``<version>/`` only when complete;
-then ``current`` (a symlink) is replaced atomically. A failed or killed run leaves a partial
-directory behind and the previous version current.
+A run writes into ``.partial-<host>-<pid>-<version>/`` and is renamed to ``<version>/`` only
+when complete; then ``current`` (a symlink) is replaced atomically. A failed or killed run
+leaves the previous version current; the next run removes the partial directories of runs
+that are gone (on this host: the process is dead; from another host sharing MODEL_DIR: older
+than a job may run).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -17,6 +21,32 @@ from pathlib import Path
 from typing import Any
 
 from backend.training.classifier import Classifier
+
+ABANDONED_AFTER_SECONDS = 6 * 3600 + 600  # longer than any job may run (jobs.JOB_TIMEOUT)
+
+
+_PARTIAL = re.compile(r"^\.partial-(?P<host>.+)-(?P<pid>\d+)-v\d{8}-\d{6}-[0-9a-f]{6}$")
+
+
+def _abandoned(partial: Path) -> bool:
+    """Whether the run writing ``partial`` is gone: its process died (this host) or it is too old (any host)."""
+    owner = _PARTIAL.match(partial.name)
+    if owner is not None and owner["host"] == socket.gethostname():
+        return not _alive(int(owner["pid"]))
+    try:
+        return time.time() - partial.stat().st_mtime > ABANDONED_AFTER_SECONDS
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 class VersionStore:
@@ -29,10 +59,23 @@ class VersionStore:
         return self.root / str(project)
 
     def begin(self, project: int) -> tuple[str, Path]:
+        self.remove_abandoned(project)
         version = time.strftime("v%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
-        partial = self.project_dir(project) / f".partial-{version}"
+        partial = self.project_dir(project) / f".partial-{socket.gethostname()}-{os.getpid()}-{version}"
         partial.mkdir(parents=True)
         return version, partial
+
+    def remove_abandoned(self, project: int) -> list[Path]:
+        """Remove the partial directories whose run can no longer finish; returns them."""
+        directory = self.project_dir(project)
+        if not directory.is_dir():
+            return []
+        removed = []
+        for partial in directory.glob(".partial-*"):
+            if _abandoned(partial):
+                shutil.rmtree(partial, ignore_errors=True)
+                removed.append(partial)
+        return removed
 
     def commit(self, project: int, version: str, partial: Path) -> Path:
         final = self.project_dir(project) / version

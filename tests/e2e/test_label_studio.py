@@ -133,7 +133,7 @@ def test_review_plan_reads_the_scores_and_saves_a_suspicion_view(client, stack, 
     from backend.review_plan import run_review_plan
     from backend.settings import Settings
 
-    model = requests.get(f"{stack.backend_url}/health", timeout=5).json()["model"]
+    model = requests.get(f"{stack.backend_url}/versions", timeout=5).json()["model"]
     settings = Settings.from_env(
         {"MLLM_MODEL": model, "LABEL_STUDIO_URL": stack.label_studio_url, "LABEL_STUDIO_API_KEY": stack.token}
     )
@@ -225,7 +225,7 @@ def test_eval_reports_on_the_real_project(client, stack, boxes_project, tmp_path
     from backend.evaluation.report import Pricing, run_eval
     from backend.settings import Settings
 
-    model = requests.get(f"{stack.backend_url}/health", timeout=5).json()["model"]
+    model = requests.get(f"{stack.backend_url}/versions", timeout=5).json()["model"]
     settings = Settings.from_env(
         {"MLLM_MODEL": model, "LABEL_STUDIO_URL": stack.label_studio_url, "LABEL_STUDIO_API_KEY": stack.token,
          "MODEL_DIR": str(tmp_path / "md")}
