@@ -22,5 +22,5 @@ RUN pip install .
 
 VOLUME /data/models
 EXPOSE 9090
-# One gunicorn worker (one copy of the model on the GPU) with request threads.
-CMD ["mllm-backend", "serve", "--host", "0.0.0.0", "--port", "9090", "--threads", "8"]
+# One gunicorn worker (one copy of the model on the GPU) with MAX_PREDICTS_IN_FLIGHT + 4 request threads.
+CMD ["mllm-backend", "serve", "--host", "0.0.0.0", "--port", "9090"]

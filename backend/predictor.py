@@ -39,7 +39,7 @@ from backend.labelstudio.config import (
     parse_label_config,
 )
 from backend.labelstudio.media import ImageLoader, MediaError
-from backend.labelstudio.protocol import TaskError, label_studio_id, project_id
+from backend.labelstudio.protocol import TaskError, json_type, label_studio_id, project_id
 from backend.labelstudio.regions import (
     MODEL_IMAGE_MAX_PIXELS,
     Box,
@@ -309,9 +309,9 @@ class Predictor:
         """The task's crops and images, or None after recording why it cannot be annotated."""
         try:
             if not isinstance(task, dict):
-                raise TaskError(f"the task is a {type(task).__name__}, not a JSON object")
+                raise TaskError(f"the task is {json_type(task)}, not a JSON object")
             if task.get("id") is not None and label_studio_id(task.get("id")) is None:
-                raise TaskError(f"the task id {str(task.get('id'))[:30]} is not a Label Studio id (1 to 2^63 - 1)")
+                raise TaskError(f"the task id {str(task.get('id'))[:30]} is not a Label Studio id (0 to 2^63 - 1)")
             prepared = self._prepare(index, task, spec, site, context)
         except (TaskError, MediaError, RegionError) as exc:
             self._fail(outcome, _reason(exc), str(exc))

@@ -245,5 +245,8 @@ def test_a_healthy_process_after_everything(make_client):
     for body in (b"{", b"[]", b'{"tasks": "nope"}', b'{"tasks": [42, null, "x"]}'):
         client.post("/predict", data=body, content_type="application/json")
     odd = client.post("/predict", json={"tasks": [42, None], "label_config": CONFIG}).get_json()
-    assert [r["error"] for r in odd["results"]] == ["task None: the task is not a JSON object"] * 2
+    assert [r["error"] for r in odd["results"]] == [
+        "task None: the task is a number, not a JSON object",
+        "task None: the task is null, not a JSON object",
+    ]
     assert requests.codes.ok == client.get("/health").status_code

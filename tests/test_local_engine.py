@@ -148,3 +148,12 @@ def test_quantized_loading_swaps_in_bitsandbytes_layers_and_still_labels(tiny_ll
     assert engine.model.get_memory_footprint() < llava_engine.model.get_memory_footprint()
     choices = label_crops(engine, PromptBook(PACKAGE_PROMPTS), images(2), LABELS)
     assert all(sum(c.probabilities) == pytest.approx(1.0) for c in choices)
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_llava", "tiny_idefics3"])
+def test_answer_tokens_do_not_depend_on_the_prompt_so_they_are_worked_out_once(checkpoint, request):
+    engine = TransformersEngine.load(str(request.getfixturevalue(checkpoint)), "cpu")
+    prompts = [PROMPT, "Which label? " + ", ".join(f"label {i}" for i in range(300)) + "\nAnswer:", "x"]
+    for option in ["cat", "Chat, domestique", "猫", " leading space", "a\nb", "label 12"]:
+        rendered = {engine._tokenize_answer(prompt, option) for prompt in prompts}
+        assert rendered == {engine._answer_ids(PROMPT, option)}, option

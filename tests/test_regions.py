@@ -66,8 +66,11 @@ def test_box_partly_outside_is_clipped_and_box_fully_outside_is_refused():
     [
         ({"width": 0}, "zero or negative size"),
         ({"height": -5}, "zero or negative size"),
-        ({"x": float("nan")}, "non-finite"),
-        ({"x": "left"}, "numeric"),
+        ({"x": float("nan")}, "x is not a finite number"),
+        ({"rotation": float("inf")}, "rotation is not a finite number"),
+        ({"x": "left"}, "x is not a number"),
+        ({"y": [1]}, "y is not a number"),
+        ({"width": 1e4}, "past ±1000%"),
     ],
 )
 def test_degenerate_boxes_are_refused_with_the_reason(value, message):

@@ -96,17 +96,32 @@ def test_a_pinned_session_connects_to_the_checked_address_not_a_fresh_lookup(can
 
 
 def test_a_loader_checks_a_name_once_and_connects_where_it_checked(monkeypatch, canary):
-    """A name that resolves to a public address first and to the canary after (DNS rebinding) is fetched from
-    the first answer, or not at all: never from the second."""
+    """DNS rebinding: the name answers a public address to the check and the canary afterwards. The connection
+    goes to the address that was checked; no packet leaves the machine (the connect is recorded, not made)."""
     import socket
 
-    from backend.labelstudio import media
+    import urllib3.util.connection
 
-    answers = iter([[(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("198.51.100.7", canary.port))]])
-    monkeypatch.setattr(media.socket, "getaddrinfo", lambda *a, **k: next(answers))
-    loader = ImageLoader(MediaLimits(10**6, 10**6, 1.0, ("rebind.example",)))
-    with pytest.raises(MediaError):  # 198.51.100.7 is TEST-NET-2: nothing answers there
+    real = socket.getaddrinfo
+    answers = iter(["93.184.216.34"])  # a public address; every later answer is the canary on loopback
+
+    def rebinding(host, *args, **kwargs):
+        if host != "rebind.example":
+            return real(host, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers, "127.0.0.1"), canary.port))]
+
+    connected = []
+
+    def record(address, *args, **kwargs):
+        connected.append(address)
+        raise OSError("not connecting in a test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", record)
+    loader = ImageLoader(MediaLimits(10**6, 10**6, 5.0, ("rebind.example",)))
+    with pytest.raises(MediaError, match="could not fetch"):
         loader.load(f"http://rebind.example:{canary.port}/data/upload/1/c962f976-a.png", None)
+    assert connected == [("93.184.216.34", canary.port)]
     assert canary.seen == []
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.labelstudio.protocol import TaskError
+from backend.labelstudio.protocol import TaskError, json_type
 
 SUPPORTED = (
     "<RectangleLabels> on an <Image> (a label for each box a person drew), "
@@ -40,7 +40,7 @@ class ImageField:
         key = self.value[1:]
         data = task.get("data")
         if not isinstance(data, dict):
-            raise TaskError(f"the task's data is a {type(data).__name__}, not an object like {{{key!r}: <image URL>}}")
+            raise TaskError(f"the task's data is {json_type(data)}, not an object like {{{key!r}: <image URL>}}")
         url = data.get(key)
         if not isinstance(url, str) or not url.strip():
             raise TaskError(

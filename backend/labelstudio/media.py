@@ -340,7 +340,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         image.seek(0)
         image.load()
-        upright = ImageOps.exif_transpose(image)
+        upright = ImageOps.exif_transpose(image, in_place=True) or image  # in place: no second copy of the pixels
     except (OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"the image data is truncated or corrupt ({exc})") from None
     return to_rgb(upright)

@@ -23,6 +23,17 @@ class TaskError(ValueError):
     """One task cannot be read; the message says why. The other tasks of the request go on."""
 
 
+def json_type(value: object) -> str:
+    """What a JSON value is, in the words of JSON: "a string", "a list", "null" ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
 def _refuse_constant(name: str) -> None:
     raise BadRequest(f"the request body contains {name}, which is not JSON; send numbers as finite values")
 
@@ -43,10 +54,10 @@ def parse_json(raw: bytes) -> dict[str, Any]:
 
 
 def label_studio_id(value: object) -> int | None:
-    """``value`` as a Label Studio id (a whole number from 1 to 2^63 - 1), or None if it is not one."""
+    """``value`` as a Label Studio id (a whole number from 0 to 2^63 - 1), or None if it is not one."""
     if isinstance(value, bool) or not isinstance(value, int):
         return None
-    return value if 1 <= value <= MAX_ID else None
+    return value if 0 <= value <= MAX_ID else None
 
 
 def project_id(project: object) -> int | None:
@@ -61,7 +72,7 @@ def _optional_text(body: dict[str, Any], name: str, sent: str) -> str | None:
     value = body.get(name)
     if value is None or isinstance(value, str):
         return value
-    raise BadRequest(f"'{name}' is a {type(value).__name__}; Label Studio sends {sent}")
+    raise BadRequest(f"'{name}' is {json_type(value)}; Label Studio sends {sent}")
 
 
 def _project_field(body: dict[str, Any]) -> str | None:
@@ -70,7 +81,7 @@ def _project_field(body: dict[str, Any]) -> str | None:
         return project
     if isinstance(project, int) and not isinstance(project, bool):
         return str(project)
-    raise BadRequest(f"'project' is a {type(project).__name__}; Label Studio sends a string like \"12.1700000000\"")
+    raise BadRequest(f"'project' is {json_type(project)}; Label Studio sends a string like \"12.1700000000\"")
 
 
 @dataclass(frozen=True)

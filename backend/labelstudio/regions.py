@@ -130,7 +130,7 @@ def crop_box(
         return shrink_to(image.crop((left, top, right, bottom)), max_pixels)
     full_w, full_h = box_w + 2 * pad_x, box_h + 2 * pad_y
     scale = min(1.0, math.sqrt(max_pixels / max(full_w * full_h, 1.0)))  # < 1: sample the box sparser, not bigger
-    out_w, out_h = max(1, min(round(full_w * scale), max_pixels)), max(1, min(round(full_h * scale), max_pixels))
+    out_w, out_h = (max(1, round(side)) if scale == 1.0 else max(1, int(side * scale)) for side in (full_w, full_h))
     theta = math.radians(box.rotation)
     cos, sin = math.cos(theta) / scale, math.sin(theta) / scale
     x0, y0 = corners[0]

@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Literal
 
@@ -172,7 +172,7 @@ class TransformersEngine:
         self._input_device = next(self.model.parameters()).device
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._lock = threading.Lock()
-        self._answer_ids = lru_cache(maxsize=4096)(self._tokenize_answer)
+        self._option_ids = lru_cache(maxsize=65536)(partial(self._tokenize_answer, "?"))
 
     @classmethod
     def load(
@@ -201,8 +201,18 @@ class TransformersEngine:
     def chat_prefix(self, prompt: str) -> str:
         return self.processor.apply_chat_template(self._messages(prompt), add_generation_prompt=True, tokenize=False)
 
+    def _answer_ids(self, prompt: str, option: str) -> tuple[int, ...]:
+        """The option's tokens exactly as they follow the prompt in a rendered conversation.
+
+        The assistant turn starts after the generation prompt, which closes the user turn, so its
+        tokens do not depend on what the user turn says: they are worked out once per option against
+        a one-character prompt. (Rendering the real prompt for every option cost O(labels²): a
+        prompt listing 1,000 labels, rendered and tokenized 1,000 times.)
+        """
+        deadline.check("tokenizing the answers")
+        return self._option_ids(option)
+
     def _tokenize_answer(self, prompt: str, option: str) -> tuple[int, ...]:
-        """The option's tokens exactly as they follow the prompt in a rendered conversation."""
         prefix = self.chat_prefix(prompt)
         answer_turn = {"role": "assistant", "content": [{"type": "text", "text": option}]}
         full = self.processor.apply_chat_template(self._messages(prompt) + [answer_turn], tokenize=False)
@@ -327,6 +337,7 @@ class TransformersEngine:
         longer = [j for j, a in enumerate(answers) if len(a) > 1]
         per_forward = max(1, self.option_batch_size // len(prompts))
         for start in range(0, len(longer), per_forward):
+            deadline.check("scoring the options")  # before copying the cache: that copy is the costly part
             group = longer[start : start + per_forward]
             last = start + per_forward >= len(longer)
             shared = cache if last else copy.deepcopy(cache)  # the last group may consume the cache itself
