@@ -99,7 +99,7 @@ class _Outcome:
 
     def prediction(self, model_version: str) -> dict | list:
         if self.error:
-            return {"model_version": model_version, "error": f"task {self.task_id}: {self.error}"}
+            return {"model_version": model_version, "error": f"task {str(self.task_id)[:40]}: {self.error}"}
         if not self.judged and not self.confidences and not self.results:
             return []  # nothing to annotate yet: store nothing, so a later retrieval tries again
         if self.judged:
@@ -124,7 +124,7 @@ class _ImageJob:
     image: Image.Image
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Prepared:
     """One task's crops and images, ready for the model."""
 
@@ -323,10 +323,6 @@ class Predictor:
             log.exception("task %s could not be prepared", outcome.task_id)
             self._fail(outcome, "data", f"the task could not be read ({type(exc).__name__}: {exc})"[:500])
             return None
-        if prepared.pixels > self.settings.predict_max_pixels:
-            self._fail(outcome, "size", f"this task's images and regions hold {prepared.pixels} pixels at once, "
-                                        f"over PREDICT_MAX_PIXELS={self.settings.predict_max_pixels}")  # fmt: skip
-            return None
         return prepared
 
     def _prepare(
@@ -341,18 +337,27 @@ class Predictor:
 
         images_by_name = {f.name: f for f in spec.images}
         box_controls = {c for t in (*spec.boxes, *spec.texts) for c in t.box_controls}
-        box_jobs = []
+        prepared = _Prepared(index, [], [])
         for region in user_boxes(task, context):
             box = box_from_region(region)
             if box.from_name not in box_controls or box.to_name not in images_by_name:
                 continue
             crop = crop_box(image(images_by_name[box.to_name]), box, self.settings.box_padding,
                             self.settings.box_min_side)  # fmt: skip
-            box_jobs.append(_BoxJob(index, box, box_label(region), crop))
-        interactive = bool(context and context.get("result"))
-        image_jobs = [] if interactive else [_ImageJob(index, t, shrink_to(image(t.image), MODEL_IMAGE_MAX_PIXELS))
-                                             for t in spec.choices]  # fmt: skip
-        return _Prepared(index, box_jobs, image_jobs)
+            prepared.box_jobs.append(_BoxJob(index, box, box_label(region), crop))
+            self._check_held(prepared)
+        if not (context and context.get("result")):  # interactive requests label only the region just drawn
+            for target in spec.choices:
+                held = shrink_to(image(target.image), MODEL_IMAGE_MAX_PIXELS)
+                prepared.image_jobs.append(_ImageJob(index, target, held))
+                self._check_held(prepared)
+        return prepared
+
+    def _check_held(self, prepared: _Prepared) -> None:
+        """Refuse a task as soon as what it holds for the model passes the request's budget (not after)."""
+        if prepared.pixels > self.settings.predict_max_pixels:
+            raise TaskError(f"this task's images and regions hold {prepared.pixels} pixels at once, over "
+                            f"PREDICT_MAX_PIXELS={self.settings.predict_max_pixels}")  # fmt: skip
 
     # --- model questions ----------------------------------------------------------------
 

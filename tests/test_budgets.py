@@ -92,6 +92,17 @@ def test_a_request_is_annotated_in_pixel_bounded_chunks_with_the_same_answers(ma
     assert "PREDICT_MAX_PIXELS=1024" in error["error"]
 
 
+def test_a_task_with_many_large_regions_is_refused_before_it_holds_them_all(make_client):
+    """500 whole-image boxes on a 2000x2000 image would hold 2 G pixels; the task stops at the budget."""
+    client, _ = make_client(CRITIC="off", PREDICT_MAX_PIXELS="10000000")
+    image = data_url(png_bytes(Image.new("RGB", (2000, 2000), (10, 200, 10))))
+    many = boxed(1, image, x=0, y=0, width=100, height=100)
+    many["annotations"][0]["result"] *= 500
+    growth, response = peak_growth_kb(lambda: client.post("/predict", json={"tasks": [many], "label_config": BOXES}))
+    assert "PREDICT_MAX_PIXELS=10000000" in response.get_json()["results"][0]["error"]
+    assert growth < 300 * 1024, f"peak RSS grew {growth // 1024} MB"
+
+
 def labels_config(count: int) -> str:
     labels = "".join(f'<Label value="label number {i}"/>' for i in range(count))
     return f'<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">{labels}' \

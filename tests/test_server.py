@@ -89,7 +89,7 @@ def test_task_without_boxes_gets_no_prediction_so_a_later_retrieval_retries(make
 @pytest.mark.parametrize(
     "body, status, message",
     [
-        (b"{not json", 400, "not a JSON object"),
+        (b"{not json", 400, "not valid JSON"),
         (b'{"label_config": "<View/>"}', 400, "no 'tasks' list"),
         (b'{"tasks": [], "label_config": "<View><Text name=\\"t\\" value=\\"$t\\"/></View>"}', 400, "supports"),
     ],

@@ -48,7 +48,13 @@ def test_a_wrong_value_names_the_variable_and_the_fix(env, variable):
 
 def test_secrets_stay_out_of_the_repr():
     settings = Settings.from_env(
-        {**BASE, "LABEL_STUDIO_API_KEY": "key-123", "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "pw-456"}
+        {
+            **BASE,
+            "LABEL_STUDIO_URL": "http://ls:8080",
+            "LABEL_STUDIO_API_KEY": "key-123",
+            "BASIC_AUTH_USER": "u",
+            "BASIC_AUTH_PASS": "pw-456",
+        }
     )
     assert "key-123" not in repr(settings) and "pw-456" not in repr(settings)
     assert settings.basic_auth == ("u", "pw-456")
