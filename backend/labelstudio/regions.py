@@ -15,7 +15,7 @@ from PIL import Image
 
 _BOX_TYPES = {"rectanglelabels", "rectangle"}
 MAX_PERCENT = 1000.0  # a box reaching ten image-widths away is not a region of this image
-MODEL_IMAGE_MAX_PIXELS = 4096 * 4096  # more than any model's processor takes in; larger crops and images shrink to it
+MODEL_IMAGE_MAX_PIXELS = 2048 * 2048  # more than most processors take in; larger crops and images shrink to it
 
 
 class RegionError(ValueError):
