@@ -147,6 +147,18 @@ def main(argv: list[str] | None = None) -> None:
     evaluation.add_argument("--human-cost-per-label", type=float, default=0.025,
                             help="a person's cost per label (default 0.025: 6 s at 15/h)")  # fmt: skip
 
+    world = commands.add_parser(
+        "world", help="write a synthetic shapes world with full ground truth (images, Label Studio files)",
+        description="Scenes of coloured shapes with every answer known: images/, truth.json, and for each kind of "
+        "project (boxes, boxes_fine, tags, boxes_and_tags, image_class, attributes) a config.xml and a Label "
+        "Studio import file tasks.json with the ground truth as annotations. The same seed gives the same world.",
+    )  # fmt: skip
+    world.add_argument("dir", type=Path, help="output folder")
+    world.add_argument("--tasks", type=int, default=200, help="how many scenes (default 200)")
+    world.add_argument("--seed", type=int, default=1000, help="random seed (default 1000)")
+    world.add_argument("--image-url-prefix", help="reference images as PREFIX + images/<name>.png instead of "
+                       "embedding data: URLs (e.g. /data/local-files/?d=world/)")  # fmt: skip
+
     commands.add_parser("worker", help="run an rq worker for training and pre-annotation jobs (needs REDIS_URL)")
     pre = commands.add_parser("preannotate", help="queue pre-annotation of a whole project (or some tasks)")
     pre.add_argument("--project", type=int, required=True, help="Label Studio project id")
@@ -167,6 +179,13 @@ def main(argv: list[str] | None = None) -> None:
         written = run_eval(_load_settings(), args.project, args.tasks, args.label_config, args.model_version,
                            args.out, Pricing(args.gpu_hour_price, args.human_cost_per_label))  # fmt: skip
         print("\n".join(str(path) for path in written))
+    elif args.command == "world":
+        from backend.shapes.world import WORLD_VERSION, write_world
+
+        written = write_world(args.dir, tasks=args.tasks, seed=args.seed, image_url_prefix=args.image_url_prefix)
+        print(f"wrote {len(written.scenes)} scenes of {WORLD_VERSION} (seed {args.seed}) to {written.root}")
+        for kind, (config, tasks) in written.projects.items():
+            print(f"  {kind}: {config} + {tasks}")
     elif args.command == "worker":
         from backend.jobs import run_worker
 
