@@ -3,10 +3,11 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 TINY   ?= models/tiny-llava
+SHAPES ?= backend/shapes/model
 HOST   ?= 127.0.0.1
 PORT   ?= 9090
 
-.PHONY: install serve test lint tiny-model bench demo clean
+.PHONY: install serve test lint tiny-model bench demo quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,13 +25,12 @@ $(TINY)/config.json: | $(VENV)/.installed
 
 tiny-model: $(TINY)/config.json
 
-# Serves MLLM_MODEL if set; otherwise a tiny random checkpoint (offline demo: its labels are random).
+# Serves MLLM_MODEL if set; otherwise the shipped shapes model (trained here on synthetic shapes: it knows only them).
 serve: install
 	@if [ -z "$$MLLM_MODEL" ]; then \
-		$(MAKE) --no-print-directory tiny-model; \
-		echo "MLLM_MODEL is not set: serving the tiny RANDOM checkpoint $(TINY) (labels are random)."; \
-		echo "For real labels: MLLM_MODEL=Qwen/Qwen2.5-VL-7B-Instruct make serve (on a GPU)."; \
-		MLLM_MODEL=$(TINY) $(BIN)/mllm-backend serve --host $(HOST) --port $(PORT); \
+		echo "MLLM_MODEL is not set: serving the shapes model $(SHAPES) (it labels the shapes world, nothing else)."; \
+		echo "For real images: MLLM_MODEL=Qwen/Qwen2.5-VL-7B-Instruct make serve (on a GPU)."; \
+		MLLM_MODEL=$(SHAPES) $(BIN)/mllm-backend serve --host $(HOST) --port $(PORT); \
 	else \
 		$(BIN)/mllm-backend serve --host $(HOST) --port $(PORT); \
 	fi
@@ -45,6 +45,10 @@ test: install lint
 # Engine figures on the tiny checkpoint, as JSON (bench-results/engine.json).
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/mllm-backend bench --out bench-results/engine.json
+
+# Label quality on a held-out shapes world (full size): quality-report/report.json, summary.md, plots.
+quality: install
+	HF_HUB_OFFLINE=1 $(BIN)/mllm-backend quality --out quality-report --tasks 300
 
 # Offline demo: Label Studio + this backend + a sample project, until Ctrl-C.
 demo: install

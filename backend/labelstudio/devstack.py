@@ -7,6 +7,7 @@ loopback with SQLite and a temporary data directory.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -203,29 +204,29 @@ def retrieve_predictions(client, project: int, task_ids: list[int] | None = None
     client.actions.create(id="retrieve_tasks_predictions", project=project, selected_items=selected)
 
 
-DEMO_DIR = Path(__file__).resolve().parents[2] / "demo"
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "label_config" / "boxes_and_tags.xml"
+DEMO_SEED = 3000  # a shapes-world seed nothing was trained or tuned on
+DEMO_TASKS = 24
 
 
 def create_demo_project(client, stack: Stack, title: str = "MLLM annotator demo") -> int:
-    """Bundled sample images with boxes drawn around their shapes, connected, with predictions retrieved."""
-    import json
+    """A shapes-world project with the world's own config: the boxes a person drew (geometry only: the labels are
+    the model's to give), connected, predictions retrieved, and a saved "Most suspicious first" tab."""
+    from backend.labelstudio.client import create_review_view
+    from backend.shapes.world import write_world
 
-    config = DEMO_CONFIG.read_text()
-    boxes = json.loads((DEMO_DIR / "boxes.json").read_text())["boxes"]
-    project = int(client.projects.create(title=title, label_config=config).id)
-    upload_images(stack, project, sorted((DEMO_DIR / "images").glob("*.png")))
-    for task in client.tasks.list(project=project):
-        name = next(n for n in boxes if str(task.data["image"]).endswith(n))
-        result = [
-            {"id": f"{task.id}-{k}", "from_name": "label", "to_name": "image", "type": "rectanglelabels",
-             "original_width": 160, "original_height": 120,
-             "value": {**box, "rotation": 0, "rectanglelabels": ["Other"]}}
-            for k, box in enumerate(boxes[name])
-        ]  # fmt: skip
-        client.annotations.create(id=task.id, result=result, was_cancelled=False)
+    world = write_world(stack.workdir / "demo-world", tasks=DEMO_TASKS, seed=DEMO_SEED)
+    config_path, tasks_path = world.projects["boxes_fine"]
+    project = int(client.projects.create(title=title, label_config=config_path.read_text()).id)
+    tasks = json.loads(tasks_path.read_text())
+    for task in tasks:  # the person drew the boxes; the model names and labels them
+        boxes = [r for r in task["annotations"][0]["result"] if r["type"] == "rectanglelabels"]
+        task["annotations"] = [{"result": [{**r, "value": {**r["value"], "rectanglelabels": []}} for r in boxes]}]
+    response = requests.post(f"{stack.label_studio_url}/api/projects/{project}/import", headers=_headers(stack),
+                             json=tasks, timeout=120)  # fmt: skip
+    response.raise_for_status()
     connect_backend(client, stack, project)
     retrieve_predictions(client, project)
+    create_review_view(client, project)
     return project
 
 
@@ -237,7 +238,7 @@ def run_demo(workdir: Path, port: int, backend_port: int) -> None:
     from label_studio_sdk import LabelStudio
 
     from backend.labelstudio.devstack import ADMIN_EMAIL, create_demo_project, start_stack
-    from backend.models.tiny import build_tiny_checkpoint
+    from backend.shapes.training import SHIPPED
 
     workdir = workdir.resolve()
     for stale in ("ls-data", "model-dir", "label-studio.log", "backend.log"):  # every demo starts fresh
@@ -248,8 +249,8 @@ def run_demo(workdir: Path, port: int, backend_port: int) -> None:
             path.unlink(missing_ok=True)
     model = os.environ.get("MLLM_MODEL")
     if not model:
-        model = str(build_tiny_checkpoint(workdir / "tiny-llava", "llava"))
-        print("MLLM_MODEL is not set: the demo serves a tiny RANDOM checkpoint, so its labels are random.")
+        model = str(SHIPPED)
+        print("MLLM_MODEL is not set: the demo serves the shapes model, trained here on synthetic shapes only.")
     print("Starting Label Studio and the backend (the first run installs Label Studio, ~1-2 min)...")
     stack = start_stack(workdir, workdir / "model-dir", {"MLLM_MODEL": model}, ls_port=port, backend_port=backend_port)
     try:
@@ -262,7 +263,7 @@ Label Studio: {stack.label_studio_url}/projects/{project}/data   (sort by "Predi
 Backend:      {stack.backend_url}   (model: {model})
 Logs:         {workdir}/label-studio.log, {workdir}/backend.log
 
-The tiny model's labels are RANDOM. For real labels, restart with a real model:
+The shapes model knows only the shapes world. For real images, restart with a real model:
   MLLM_MODEL=Qwen/Qwen2.5-VL-7B-Instruct make demo          (on a GPU)
   MLLM_PROVIDER=openai OPENAI_BASE_URL=http://localhost:8000/v1 MLLM_MODEL=<served model> make demo
 Press Ctrl-C to stop.""")

@@ -10,6 +10,7 @@ import pytest
 
 from backend.labelstudio.devstack import Stack, start_stack
 from backend.models.tiny import build_tiny_checkpoint
+from backend.shapes.training import SHIPPED
 
 _STACK: Stack | None = None
 
@@ -18,7 +19,7 @@ _STACK: Stack | None = None
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     global _STACK
     workdir = tmp_path_factory.mktemp("e2e")
-    model = build_tiny_checkpoint(workdir / "tiny-llava", "llava")
+    model = SHIPPED  # the trained shapes model: world projects get real labels, other configs plausible ones
     backbone = build_tiny_checkpoint(workdir / "tiny-vit", "vit")
     env = {
         "MLLM_MODEL": str(model),

@@ -206,19 +206,29 @@ def test_export_holds_our_predictions_and_the_human_annotations(client, stack, b
 
 
 def test_the_demo_project_is_listed_with_predictions_from_our_backend(client, stack):
-    from backend.labelstudio.devstack import create_demo_project
+    from backend.labelstudio.client import REVIEW_VIEW_TITLE
+    from backend.labelstudio.devstack import DEMO_SEED, DEMO_TASKS, create_demo_project
+    from backend.shapes.world import generate_world
 
     project = create_demo_project(client, stack, title="demo (e2e)")
     listed = requests.get(f"{stack.label_studio_url}/api/projects/", headers={"Authorization": f"Token {stack.token}"},
                           timeout=30).json()["results"]  # fmt: skip
     assert project in [p["id"] for p in listed]
     stored = predictions_of(client, project)
-    assert len(stored) == 6
+    assert len(stored) == DEMO_TASKS
     version = backend_version(stack)
+    truth = {shape.id: shape.cls for scene, _ in generate_world(tasks=DEMO_TASKS, seed=DEMO_SEED)
+             for shape in scene.shapes}  # fmt: skip
+    right = []
     for predictions in stored.values():
         assert [p["model_version"] for p in predictions] == [version]
         boxes = [r for r in predictions[0]["result"] if r["type"] == "rectanglelabels"]
-        assert len(boxes) == 3
+        names = [r for r in predictions[0]["result"] if r["type"] == "textarea"]
+        assert boxes and len(names) == len(boxes)
+        right += [r["value"]["rectanglelabels"][0] == truth[r["id"]] for r in boxes]
+    assert sum(right) / len(right) >= 0.8  # a newcomer sees right labels on the boxes
+    assert REVIEW_VIEW_TITLE in [v.data.get("title") if isinstance(v.data, dict) else None
+                                 for v in client.views.list(project=project)]  # fmt: skip
 
 
 def test_eval_reports_on_the_real_project(client, stack, boxes_project, tmp_path):

@@ -1,0 +1,317 @@
+"""`mllm-backend quality`: label quality on a held-out shapes world, through the backend as Label Studio calls it.
+
+It generates a world from ``--seed`` (never a training seed of the shapes model), sends its
+tasks to the backend's ``/predict`` exactly as Label Studio does (the person's boxes, without
+their labels), feeds the most suspicious tasks back as Label Studio's annotation webhooks (a
+simulated reviewer who knows the truth), and compares everything with the ground truth.
+Definitions follow ``shared/docs/quality-harness.md``; a key whose method does not exist yet
+is ``None``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from backend.annotate.suspicion import auroc, expected_calibration_error
+from backend.shapes.world import CLASSES, WORLD_VERSION, World, write_world
+
+SCHEMA_VERSION = 1
+REPORT_SEED = 2500  # the report's default world: outside the shapes model's training seeds (0-999)
+REVIEW_SHARE = 0.2  # review_found_at_20
+CALIBRATION_SHARE = 0.3  # the most suspicious tasks a simulated reviewer corrects before calibration is judged
+PROJECT = "1.1700000000"
+Log = Callable[[str], None]
+
+
+@dataclass
+class _Run:
+    """One pass of a world project through a backend: its predictions, in task order."""
+
+    predictions: list[dict]
+    forward_passes: int
+    tokens: int
+
+
+def _backend(model: str, state: Path, **env: str):
+    from backend.server import create_app
+    from backend.service import build_service
+    from backend.settings import Settings
+
+    settings = Settings.from_env({"MLLM_MODEL": model, "MODEL_DIR": str(state), "SYNC_PROJECT_MODEL_VERSION": "false",
+                                  "LOG_LEVEL": "WARNING", **env})  # fmt: skip
+    service = build_service(settings)
+    app = create_app(service)
+    engine = service.slot.get(timeout=600)
+    return app.test_client(), engine
+
+
+def _as_label_studio_sends(world: World, kind: str) -> tuple[str, list[dict]]:
+    """The project's config and its tasks as /predict receives them: ids, data, and the person's boxes only."""
+    config_path, tasks_path = world.projects[kind]
+    tasks = []
+    for number, task in enumerate(json.loads(tasks_path.read_text()), start=1):
+        boxes = [{**region, "value": {k: v for k, v in region["value"].items() if k != "rectanglelabels"},
+                  "type": "rectangle"}
+                 for region in task["annotations"][0]["result"] if region["type"] == "rectanglelabels"]  # fmt: skip
+        annotations = [{"id": number, "result": boxes}] if boxes else []
+        tasks.append({"id": number, "data": task["data"], "annotations": annotations})
+    return config_path.read_text(), tasks
+
+
+def _predict(client, engine, config: str, tasks: list[dict], batch: int = 16) -> _Run:
+    passes, tokens = getattr(engine, "forward_passes", 0), getattr(engine, "tokens_processed", 0)
+    predictions = []
+    for start in range(0, len(tasks), batch):
+        body = {"tasks": tasks[start : start + batch], "label_config": config, "project": PROJECT,
+                "params": {"login": None, "password": None, "context": None}}  # fmt: skip
+        response = client.post("/predict", json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"/predict answered {response.status_code}: {response.get_data(as_text=True)[:300]}")
+        predictions += response.get_json()["results"]
+    return _Run(predictions, getattr(engine, "forward_passes", 0) - passes,
+                getattr(engine, "tokens_processed", 0) - tokens)  # fmt: skip
+
+
+def _box_outcomes(world: World, run: _Run) -> list[list[tuple[float, bool]]]:
+    """Per task, (region score, label correct) for every box."""
+    tasks = []
+    for scene, prediction in zip(world.scenes, run.predictions, strict=True):
+        truth = {shape.id: shape.cls for shape in scene.shapes}
+        regions = [r for r in prediction.get("result", []) if r.get("type") == "rectanglelabels"]
+        tasks.append([(float(r["score"]), r["value"]["rectanglelabels"][0] == truth[r["id"]]) for r in regions])
+    return tasks
+
+
+def _found_at(order: np.ndarray, wrong_per_task: np.ndarray, share: float) -> float:
+    total = wrong_per_task.sum()
+    reviewed = math.ceil(share * len(order))
+    return float(wrong_per_task[order[:reviewed]].sum() / total) if total else 1.0
+
+
+def suspicion(task_scores: list[float], outcomes: list[list[tuple[float, bool]]], confidence: list[float]) -> dict:
+    """AUROCs and the review-at-20% figures: suspicion order, random order, annotator confidence alone."""
+    wrong = np.array([sum(not ok for _, ok in task) for task in outcomes])
+    regions = [pair for task in outcomes for pair in task]
+    random_orders = np.random.default_rng(0)
+    random_found = [_found_at(random_orders.permutation(len(wrong)), wrong, REVIEW_SHARE) for _ in range(500)]
+    return {
+        "task_auroc": auroc([-s for s in task_scores], wrong > 0),
+        "region_auroc": auroc([-s for s, _ in regions], [not ok for _, ok in regions]),
+        "task_auroc_confidence": auroc([-c for c in confidence], wrong > 0),
+        "review_found_at_20": _found_at(np.argsort(task_scores, kind="stable"), wrong, REVIEW_SHARE),
+        "review_found_at_20_random": float(np.mean(random_found)),
+        "review_found_at_20_confidence": _found_at(np.argsort(confidence, kind="stable"), wrong, REVIEW_SHARE),
+        "wrong_labels": int(wrong.sum()),
+        "tasks_with_wrong_labels": int((wrong > 0).sum()),
+    }
+
+
+def _review_webhooks(client, world: World, kind: str, task_numbers: list[int]) -> None:
+    """A reviewer who knows the truth corrects these tasks in Label Studio; its annotation webhooks arrive."""
+    imports = json.loads(world.projects[kind][1].read_text())
+    for number in task_numbers:
+        truth = imports[number - 1]["annotations"][0]["result"]
+        annotation = {"id": number, "task": number, "project": 1, "result": truth, "was_cancelled": False}
+        body = {"action": "ANNOTATION_CREATED", "project": {"id": 1}, "task": {"id": number}, "annotation": annotation}
+        response = client.post("/webhook", json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"/webhook answered {response.status_code}: {response.get_data(as_text=True)[:300]}")
+
+
+def calibration(client, engine, world: World, config: str, tasks: list[dict], raw: list[list[tuple[float, bool]]],
+                task_scores: list[float]) -> dict:  # fmt: skip
+    """ECE before and after the most suspicious CALIBRATION_SHARE of tasks are reviewed, on the labels not reviewed."""
+    order = list(np.argsort(task_scores, kind="stable"))
+    reviewed = {int(i) + 1 for i in order[: math.ceil(CALIBRATION_SHARE * len(order))]}
+    _review_webhooks(client, world, "boxes", sorted(reviewed))
+    again = _box_outcomes(world, _predict(client, engine, config, tasks))
+    held = [i for i in range(len(tasks)) if i + 1 not in reviewed]
+    raw_pairs = [pair for i in held for pair in raw[i]]
+    new_pairs = [pair for i in held for pair in again[i]]
+    return {
+        "ece_raw": expected_calibration_error([s for s, _ in raw_pairs], [ok for _, ok in raw_pairs]),
+        "ece_calibrated": expected_calibration_error([s for s, _ in new_pairs], [ok for _, ok in new_pairs]),
+        "reviewed_tasks": len(reviewed),
+        "reliability_raw": _bins(raw_pairs),
+        "reliability_calibrated": _bins(new_pairs),
+    }
+
+
+def _bins(pairs: list[tuple[float, bool]]) -> list[dict]:
+    from backend.evaluation.metrics import reliability_bins
+
+    return reliability_bins([s for s, _ in pairs], [ok for _, ok in pairs])
+
+
+def tags(client, engine, world: World) -> dict:
+    """Whole-image tags through /predict, and the candidate stage and per-tag scores asked of the same engine."""
+    from sklearn.metrics import average_precision_score
+
+    from backend.annotate.tagging import TagSettings, tag_images
+    from backend.labelstudio.config import parse_label_config
+    from backend.prompts import PromptBook
+    from backend.settings import PACKAGE_PROMPTS, Settings
+
+    config, tasks = _as_label_studio_sends(world, "tags")
+    run = _predict(client, engine, config, tasks)
+    truth = [set(scene.tags) for scene in world.scenes]
+    predicted = [set(next((r["value"]["choices"] for r in p.get("result", []) if r["from_name"] == "tags"), []))
+                 for p in run.predictions]  # fmt: skip
+    per_tag = {}
+    for label in CLASSES:
+        tp = sum(label in p and label in t for p, t in zip(predicted, truth, strict=True))
+        fp = sum(label in p and label not in t for p, t in zip(predicted, truth, strict=True))
+        fn = sum(label not in p and label in t for p, t in zip(predicted, truth, strict=True))
+        per_tag[label] = (tp, fp, fn)
+    f1 = [_f1(*counts) for counts in per_tag.values()]
+    total = [sum(c[i] for c in per_tag.values()) for i in range(3)]
+    target = parse_label_config(config).choices[0]
+    defaults = Settings.from_env({"MLLM_MODEL": "-"})
+    found = tag_images(engine, PromptBook(PACKAGE_PROMPTS), _images(world), list(target.labels),
+                       TagSettings(defaults.tag_threshold, defaults.tag_candidate_threshold, defaults.tag_group_size),
+                       dict(target.hints), dict(target.groups))  # fmt: skip
+    candidates = sum(len(set(f.candidates) & t) for f, t in zip(found, truth, strict=True))
+    aps = [float(average_precision_score([label in t for t in truth], [f.presence.get(label, 0.0) for f in found]))
+           for label in CLASSES if any(label in t for t in truth)]  # fmt: skip
+    return {
+        "tag_micro_f1": _f1(*total),
+        "tag_macro_f1": float(np.mean(f1)),
+        "tag_candidate_recall": candidates / max(1, sum(len(t) for t in truth)),
+        "tag_map": float(np.mean(aps)) if aps else None,
+        "tag_candidates_per_image": float(np.mean([len(f.candidates) for f in found])),
+        "tag_calls_per_image": run.forward_passes / max(1, len(tasks)),
+    }
+
+
+def prompt_edit(engine, world: World) -> float:
+    """Box accuracy when the box question is a paraphrase the shapes model never saw (a user's reasonable edit)."""
+    from backend.annotate.choice import choose
+    from backend.prompts import format_labels
+    from backend.shapes.questions import crop_of, phrasings
+
+    template = phrasings("box_label", held_out=True)[0]
+    images = _images(world)
+    crops, truth = [], []
+    for scene, image in zip(world.scenes, images, strict=True):
+        for shape in scene.shapes:
+            crops.append(crop_of(image, scene, shape))
+            truth.append(shape.cls)
+    answers = choose(engine, crops, template.format(labels=format_labels(CLASSES)), CLASSES)
+    return float(np.mean([a.label == t for a, t in zip(answers, truth, strict=True)]))
+
+
+def _images(world: World):
+    from PIL import Image
+
+    return [Image.open(world.root / "images" / f"{scene.name}.png").convert("RGB") for scene in world.scenes]
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = print) -> dict:
+    """Generate the held-out world, predict, review, and write report.json, summary.md and plots into ``out``."""
+    out = Path(out)
+    world = write_world(out / "world", tasks=tasks, seed=seed)
+    log(f"world {WORLD_VERSION}, seed {seed}: {tasks} tasks, {sum(len(s.shapes) for s in world.scenes)} boxes")
+    config, sent = _as_label_studio_sends(world, "boxes")
+    boxes = sum(len(s.shapes) for s in world.scenes)
+
+    client, engine = _backend(model, out / "state-no-critic", CRITIC="off")
+    plain = _predict(client, engine, config, sent)
+    without_critic = _box_outcomes(world, plain)
+    scores_without = [float(p["score"]) for p in plain.predictions]
+
+    client, engine = _backend(model, out / "state")
+    run = _predict(client, engine, config, sent)
+    outcomes = _box_outcomes(world, run)
+    task_scores = [float(p["score"]) for p in run.predictions]
+    from backend.reviews import ReviewStore
+
+    confidence_by_task = ReviewStore(out / "state" / "reviews.sqlite3").annotator_task_scores(1)
+    confidence = [confidence_by_task.get(i + 1, 1.0) for i in range(len(sent))]
+    labels = [ok for task in outcomes for _, ok in task]
+    report: dict = {
+        "schema_version": SCHEMA_VERSION, "world_version": WORLD_VERSION, "seed": seed, "tasks": tasks,
+        "boxes": boxes, "model": model,
+        "box_accuracy": float(np.mean(labels)) if labels else None,
+        "box_accuracy_without_critic": float(np.mean([ok for task in without_critic for _, ok in task])),
+    }  # fmt: skip
+    report.update(suspicion(task_scores, outcomes, confidence))
+    wrong_without = [any(not ok for _, ok in task) for task in without_critic]
+    report["task_auroc_without_critic"] = auroc([-s for s in scores_without], wrong_without)
+    report["critic_auroc_gain"] = report["task_auroc"] - report["task_auroc_without_critic"]  # NaN: nothing wrong
+    report["calls_per_image"] = run.forward_passes / max(1, tasks)
+    report["tokens_per_box"] = run.tokens / max(1, boxes)
+    report.update(calibration(client, engine, world, config, sent, outcomes, task_scores))
+    report["box_accuracy_prompt_edit"] = prompt_edit(engine, world)
+    report.update(tags(client, engine, world))
+    report["downstream"] = None  # the downstream classifier on the world: not measured yet
+    report["downstream_by_loss"] = None
+    report = _finite(report)
+    write(report, out)
+    return report
+
+
+def _finite(value: object) -> object:
+    """NaN (e.g. an AUROC with no wrong label to rank) becomes null: report.json stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write(report: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(_finite(report), indent=1, allow_nan=False))
+    (out / "summary.md").write_text(summary(report))
+    return [out / "report.json", out / "summary.md", *_plots(report, out)]
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else ("—" if value is None else str(value))
+
+
+KEYS = (
+    "box_accuracy", "box_accuracy_prompt_edit", "task_auroc", "region_auroc", "task_auroc_confidence",
+    "critic_auroc_gain", "review_found_at_20", "review_found_at_20_random", "review_found_at_20_confidence",
+    "ece_raw", "ece_calibrated", "tag_micro_f1", "tag_macro_f1", "tag_candidate_recall", "tag_map",
+    "tag_candidates_per_image", "calls_per_image", "tokens_per_box", "downstream",
+)  # fmt: skip
+
+
+def summary(report: dict) -> str:
+    lines = [f"# Label quality on the shapes world ({report['world_version']}, seed {report['seed']})", "",
+             f"{report['tasks']} tasks, {report['boxes']} boxes, model `{report['model']}`.", "",
+             "| metric | value |", "| --- | --- |"]  # fmt: skip
+    lines += [f"| `{key}` | {_fmt(report.get(key))} |" for key in KEYS]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(report: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for key, name in (("reliability_raw", "raw"), ("reliability_calibrated", "calibrated")):
+        bins = report.get(key) or []
+        axis.plot([b["mean_score"] for b in bins], [b["accuracy"] for b in bins], marker="o", label=name)
+    axis.set(xlabel="score (P(correct))", ylabel="share correct", title="Reliability, labels not reviewed")
+    axis.legend()
+    path = out / "reliability.png"
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return [path]
