@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         "demo",
         help="offline demo: a local Label Studio with a sample project labelled by this backend",
         description="Starts Label Studio 1.23.2 (installed into its own virtualenv on first use) and the backend, "
-        "creates a demo project from bundled images with boxes, retrieves predictions, and runs until Ctrl-C. "
-        "Without MLLM_MODEL it serves a tiny RANDOM checkpoint: its labels are random.",
+        "creates a demo project from the shapes world with the boxes a person drew, retrieves predictions, saves "
+        "the tab 'Most suspicious first', and runs until Ctrl-C. Without MLLM_MODEL it serves the shapes model.",
     )
     demo.add_argument("--workdir", type=Path, default=Path(".demo"), help="where Label Studio's data goes")
     demo.add_argument("--port", type=int, default=8080, help="Label Studio's port (default 8080)")

@@ -74,9 +74,9 @@ def production_server(tmp_path_factory):
 
 
 def probe(url: str, stop: threading.Event, seconds: dict[str, list[float]]) -> None:
-    """GET /health and POST /setup every 0.2 s as Label Studio does (it gives them 1 s and 3 s), timing each."""
+    """GET /health and POST /setup every 50 ms, as Label Studio calls them (it gives them 1 s and 3 s), timing each."""
     setup = {"project": "1.1", "schema": CONFIG, "hostname": "http://127.0.0.1:1", "access_token": None}
-    while not stop.wait(0.2):
+    while not stop.wait(0.05):
         for route, call in (("/health", lambda: requests.get(f"{url}/health", timeout=5)),
                             ("/setup", lambda: requests.post(f"{url}/setup", json=setup, timeout=5))):  # fmt: skip
             started = time.monotonic()
@@ -114,4 +114,4 @@ def test_fifty_concurrent_predicts_three_rounds(production_server):
     prober.join(timeout=10)
     assert memory[-1] < memory[0] * 1.10, f"RSS grew across rounds: {memory} kB"
     for route, budget in (("/health", 1.0), ("/setup", 3.0)):  # Label Studio's timeouts for them
-        assert len(seconds[route]) >= 5 and max(seconds[route]) < budget, f"{route} took {sorted(seconds[route])}"
+        assert len(seconds[route]) >= 3 and max(seconds[route]) < budget, f"{route} took {sorted(seconds[route])}"

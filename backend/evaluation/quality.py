@@ -43,8 +43,13 @@ def _backend(model: str, state: Path, **env: str):
     from backend.service import build_service
     from backend.settings import Settings
 
-    settings = Settings.from_env({"MLLM_MODEL": model, "MODEL_DIR": str(state), "SYNC_PROJECT_MODEL_VERSION": "false",
-                                  "LOG_LEVEL": "WARNING", **env})  # fmt: skip
+    quiet = {
+        "SYNC_PROJECT_MODEL_VERSION": "false",
+        "LOG_LEVEL": "WARNING",
+        "TRAIN_AFTER_ANNOTATIONS": str(10**6),
+        "TRAIN_DEBOUNCE_SECONDS": str(10**6),
+    }  # no Label Studio to sync with; the reviews train nothing here
+    settings = Settings.from_env({"MLLM_MODEL": model, "MODEL_DIR": str(state), **quiet, **env})
     service = build_service(settings)
     app = create_app(service)
     engine = service.slot.get(timeout=600)
@@ -224,30 +229,35 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = prin
     config, sent = _as_label_studio_sends(world, "boxes")
     boxes = sum(len(s.shapes) for s in world.scenes)
 
-    client, engine = _backend(model, out / "state-no-critic", CRITIC="off")
-    plain = _predict(client, engine, config, sent)
-    without_critic = _box_outcomes(world, plain)
-    scores_without = [float(p["score"]) for p in plain.predictions]
+    from backend.reviews import ReviewStore
+    from backend.settings import Settings
 
-    client, engine = _backend(model, out / "state")
+    critic_default = Settings.from_env({"MLLM_MODEL": model}).critic
+    client, engine = _backend(model, out / "state-critic-flipped", CRITIC="off" if critic_default else "on")
+    flipped = _predict(client, engine, config, sent)  # the same boxes with the critic the other way round
+    flipped_outcomes = _box_outcomes(world, flipped)
+    flipped_scores = [float(p["score"]) for p in flipped.predictions]
+
+    client, engine = _backend(model, out / "state")  # the defaults: what a user gets
     run = _predict(client, engine, config, sent)
     outcomes = _box_outcomes(world, run)
     task_scores = [float(p["score"]) for p in run.predictions]
-    from backend.reviews import ReviewStore
-
     confidence_by_task = ReviewStore(out / "state" / "reviews.sqlite3").annotator_task_scores(1)
     confidence = [confidence_by_task.get(i + 1, 1.0) for i in range(len(sent))]
     labels = [ok for task in outcomes for _, ok in task]
     report: dict = {
         "schema_version": SCHEMA_VERSION, "world_version": WORLD_VERSION, "seed": seed, "tasks": tasks,
-        "boxes": boxes, "model": model,
+        "boxes": boxes, "model": model, "critic_default": critic_default,
         "box_accuracy": float(np.mean(labels)) if labels else None,
-        "box_accuracy_without_critic": float(np.mean([ok for task in without_critic for _, ok in task])),
     }  # fmt: skip
     report.update(suspicion(task_scores, outcomes, confidence))
-    wrong_without = [any(not ok for _, ok in task) for task in without_critic]
-    report["task_auroc_without_critic"] = auroc([-s for s in scores_without], wrong_without)
-    report["critic_auroc_gain"] = report["task_auroc"] - report["task_auroc_without_critic"]  # NaN: nothing wrong
+    flipped_auroc = auroc([-s for s in flipped_scores], [any(not ok for _, ok in task) for task in flipped_outcomes])
+    with_critic, without = (
+        (report["task_auroc"], flipped_auroc) if critic_default else (flipped_auroc, report["task_auroc"])
+    )
+    report.update(
+        task_auroc_with_critic=with_critic, task_auroc_without_critic=without, critic_auroc_gain=with_critic - without
+    )  # NaN when no task holds a wrong label
     report["calls_per_image"] = run.forward_passes / max(1, tasks)
     report["tokens_per_box"] = run.tokens / max(1, boxes)
     report.update(calibration(client, engine, world, config, sent, outcomes, task_scores))

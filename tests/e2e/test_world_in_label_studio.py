@@ -43,4 +43,6 @@ def test_world_labels_are_in_the_band_and_sorting_by_score_puts_wrong_labels_fir
     assert 0.80 <= accuracy <= 0.995, accuracy  # the model is good, and honestly imperfect
     ranks = list(range(len(ordered)))  # Label Studio's order, most suspicious first
     assert any(wrong_tasks), "nothing wrong to find"
+    scores = [t["predictions_score"] for t in ordered]
+    assert None not in scores and scores == sorted(scores)  # the Prediction score column is filled and sorted
     assert auroc([-r for r in ranks], wrong_tasks) >= 0.7
