@@ -137,9 +137,21 @@ def prediction_scores(client, project: int, model_version: str) -> list[tuple[in
     return scores
 
 
+# Label Studio 1.23's Data Manager columns hidden by default, less "Prediction score" (data_manager/functions.py).
+_HIDDEN_IN_REVIEW = tuple(f"tasks:{c}" for c in (
+    "inner_id", "annotations_results", "annotations_ids", "predictions_model_versions", "predictions_results",
+    "file_upload", "storage_filename", "created_at", "updated_at", "updated_by", "avg_lead_time", "draft_exists",
+))  # fmt: skip
+_HIDDEN_WHILE_LABELING = ("tasks:completed_at", "tasks:cancelled_annotations", "tasks:total_predictions",
+                          "tasks:annotators")  # fmt: skip
+
+
 def create_review_view(client, project: int) -> int:
-    """A saved Data Manager tab ordered by prediction score, ascending: most suspicious first."""
+    """A saved Data Manager tab ordered by prediction score, ascending (most suspicious first), with the
+    "Prediction score" column shown: Label Studio hides it by default."""
+    hidden = {"explore": list(_HIDDEN_IN_REVIEW), "labeling": [*_HIDDEN_IN_REVIEW, *_HIDDEN_WHILE_LABELING]}
     view = client.views.create(
-        project=project, data={"title": REVIEW_VIEW_TITLE, "ordering": ["tasks:predictions_score"]}
+        project=project,
+        data={"title": REVIEW_VIEW_TITLE, "ordering": ["tasks:predictions_score"], "hiddenColumns": hidden},
     )
     return int(view.id)

@@ -37,7 +37,7 @@ _CORPUS = [
     "USER: ASSISTANT: User: Assistant: 0123456789 , . ? ! ( ) : ; - _ / é ü ñ 猫 犬",
 ]
 
-_LLAVA_TEMPLATE = (
+LLAVA_TEMPLATE = (  # LLaVA-1.5's conversation format (also the shapes model's)
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -140,7 +140,7 @@ def _build_llava(out: Path, seed: int) -> None:
         patch_size=8,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=_LLAVA_TEMPLATE,
+        chat_template=LLAVA_TEMPLATE,
     )
     _save(LlavaForConditionalGeneration, config, processor, out, seed)
 

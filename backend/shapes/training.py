@@ -25,6 +25,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from backend.models.tiny import LLAVA_TEMPLATE
 from backend.prompts import PromptBook, format_labels
 from backend.settings import PACKAGE_PROMPTS
 from backend.shapes.questions import EXTRA, NONE_OF_THESE, PARAPHRASES, Example, examples
@@ -34,17 +35,6 @@ SHIPPED = Path(__file__).resolve().parent / "model"
 TRAINING_SEEDS = tuple(range(0, 24))  # world seeds the model learns from (the quality harness judges on 2000+)
 SCENES_PER_SEED = 250
 IMAGE_SIZE, PATCH = 48, 8
-TEMPLATE = (  # LLaVA-1.5's conversation format
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] != 'user' %}</s>{% endif %}{{ '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 Log = Callable[[str], None]
 
 
@@ -92,7 +82,7 @@ def build(seed: int, prompts: PromptBook):
     )  # padded to a square first: a wide ellipse stays wide, it is not cropped into a circle
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=TEMPLATE)  # fmt: skip
+                               chat_template=LLAVA_TEMPLATE)  # fmt: skip
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config), processor
 

@@ -230,8 +230,9 @@ def test_the_demo_project_is_listed_with_predictions_from_our_backend(client, st
         assert boxes and len(names) == len(boxes)
         right += [r["value"]["rectanglelabels"][0] == truth[r["id"]] for r in boxes]
     assert sum(right) / len(right) >= 0.8  # a newcomer sees right labels on the boxes
-    assert REVIEW_VIEW_TITLE in [v.data.get("title") if isinstance(v.data, dict) else None
-                                 for v in client.views.list(project=project)]  # fmt: skip
+    [view] = [v.data for v in client.views.list(project=project) if v.data.get("title") == REVIEW_VIEW_TITLE]
+    assert view["ordering"] == ["tasks:predictions_score"]
+    assert "tasks:predictions_score" not in view["hiddenColumns"]["explore"]  # the column is shown
 
 
 def test_eval_reports_on_the_real_project(client, stack, boxes_project, tmp_path):
