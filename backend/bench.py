@@ -86,7 +86,7 @@ def _request_forward_passes(checkpoint: Path, engine: TransformersEngine) -> dic
     )
     tasks = _boxed_tasks(4, seed=2, size=(96, 64))
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings.from_env({"MLLM_MODEL": str(checkpoint), "MODEL_DIR": tmp})
+        settings = Settings.from_env({"MLLM_MODEL": str(checkpoint), "MODEL_DIR": tmp, "CRITIC": "on"})
         service = build_service(settings, lambda: engine)
         client = create_app(service).test_client()
         engine.forward_passes = 0
@@ -142,7 +142,7 @@ def _end_to_end(checkpoint: Path, engine: TransformersEngine) -> dict:
     timed = _TimedEngine(engine)
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings.from_env(
-            {"MLLM_MODEL": str(checkpoint), "MODEL_DIR": tmp, "TRAIN_DEBOUNCE_SECONDS": "3600"}
+            {"MLLM_MODEL": str(checkpoint), "MODEL_DIR": tmp, "TRAIN_DEBOUNCE_SECONDS": "3600", "CRITIC": "on"}
         )
         service = build_service(settings, lambda: timed)
         loader, fetch = service.predictor.loader, {"seconds": 0.0}
