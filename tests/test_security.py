@@ -272,3 +272,15 @@ def test_health_shows_the_deployment_only_to_an_authenticated_caller(make_client
     auth = {"Authorization": "Basic " + base64.b64encode(b"u:pw").decode()}
     detailed = client.get("/health", headers=auth).get_json()
     assert detailed["model"].endswith("llava") and detailed["jobs"] == "in-process"
+
+
+def test_setup_calls_cannot_grow_the_remembered_sites_without_bound():
+    from backend.labelstudio.client import MAX_REMEMBERED, LabelStudioSites, SetupInfo
+
+    sites = LabelStudioSites(None, None)
+    for n in range(MAX_REMEMBERED + 50):
+        sites.remember(f"{n}.1", SetupInfo("http://127.0.0.1:9", f"token-{n}"))
+        sites.for_project(f"{n}.1")
+    assert len(sites._setups) == MAX_REMEMBERED and len(sites._auths) == MAX_REMEMBERED
+    assert sites.for_project("0.1") is None  # the oldest was forgotten
+    assert sites.for_project(f"{MAX_REMEMBERED + 49}.1").base_url == "http://127.0.0.1:9"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import requests
@@ -13,6 +14,7 @@ from backend.labelstudio.auth import LabelStudioAuth
 from backend.labelstudio.protocol import project_id
 
 log = logging.getLogger(__name__)
+MAX_REMEMBERED = 10_000  # projects (and Label Studio sites) kept from /setup; the oldest are forgotten first
 
 
 @dataclass(frozen=True)
@@ -37,13 +39,16 @@ class LabelStudioSites:
         self._url = url
         self._key = api_key
         self._session = session or requests.Session()
-        self._setups: dict[str, SetupInfo] = {}
-        self._auths: dict[tuple[str, str | None], LabelStudioAuth] = {}
+        self._setups: OrderedDict[str, SetupInfo] = OrderedDict()
+        self._auths: OrderedDict[tuple[str, str | None], LabelStudioAuth] = OrderedDict()
         self._lock = threading.Lock()
 
     def remember(self, project: str, info: SetupInfo) -> None:
         with self._lock:
             self._setups[project] = info
+            self._setups.move_to_end(project)
+            while len(self._setups) > MAX_REMEMBERED:  # /setup may be called by anyone who reaches the port
+                self._setups.popitem(last=False)
 
     def for_project(self, project: str | None) -> LabelStudioAuth | None:
         with self._lock:
@@ -57,6 +62,8 @@ class LabelStudioSites:
             cache_key = (base.rstrip("/"), key)
             if cache_key not in self._auths:
                 self._auths[cache_key] = LabelStudioAuth(base, key, self._session)
+                while len(self._auths) > MAX_REMEMBERED:
+                    self._auths.popitem(last=False)
             return self._auths[cache_key]
 
 
