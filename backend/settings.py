@@ -72,7 +72,7 @@ class Settings:
     job_queue: str = "mllm-backend"
     train_after_annotations: int = 10
     train_debounce_seconds: float = 60.0
-    classifier_backbone: str = "google/vit-base-patch16-224-in21k"
+    classifier_backbone: str | None = None  # None: the serving model's own vision tower (training/backbone.py)
     training_epochs: int = 10
     training_batch_size: int = 16
     training_learning_rate: float = 1e-4
@@ -271,7 +271,7 @@ class _Reader:
             job_queue=self.text("JOB_QUEUE") or "mllm-backend",
             train_after_annotations=self.integer("TRAIN_AFTER_ANNOTATIONS", 10, 1),
             train_debounce_seconds=self.number("TRAIN_DEBOUNCE_SECONDS", 60.0, 0.0),
-            classifier_backbone=self.text("CLASSIFIER_BACKBONE") or "google/vit-base-patch16-224-in21k",
+            classifier_backbone=self.text("CLASSIFIER_BACKBONE"),
             training_epochs=self.integer("TRAINING_EPOCHS", 10, 1),
             training_batch_size=self.integer("TRAINING_BATCH_SIZE", 16, 1),
             training_learning_rate=self.number("TRAINING_LEARNING_RATE", 1e-4, 1e-8, 1.0),

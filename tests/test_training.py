@@ -137,3 +137,30 @@ def test_versions_switch_atomically_and_a_failed_run_changes_nothing(tmp_path):
     store.discard(failed)
     assert store.current(7) == version
     assert [v["version"] for v in store.versions(7)] == [version] and store.versions(7)[0]["current"]
+
+
+def test_the_default_backbone_is_the_serving_models_own_vision_tower(tmp_path, tiny_idefics3):
+    """Nothing downloaded: the shapes model's CLIP tower becomes the classifier, and it learns the world's shapes."""
+    from backend.shapes.questions import crop_of
+    from backend.shapes.training import SHIPPED
+    from backend.shapes.world import CLASSES, generate_world
+    from backend.training.backbone import BackboneError, classifier_backbone
+
+    backbone = classifier_backbone(configured=None, serving_model=str(SHIPPED), model_dir=tmp_path)
+    assert classifier_backbone(configured=None, serving_model=str(SHIPPED), model_dir=tmp_path) == backbone
+    assert classifier_backbone(configured="my/backbone", serving_model=str(SHIPPED), model_dir=tmp_path) == (
+        "my/backbone"
+    )
+    crops, targets = [], []
+    for scene, image in generate_world(tasks=60, seed=2003):
+        for shape in scene.shapes:
+            crops.append(crop_of(image, scene, shape))
+            targets.append(CLASSES.index(shape.cls))
+    half = len(crops) // 2
+    classifier = Classifier.build(backbone, CLASSES, multi_label=False)
+    data = TrainingData(crops[:half], np.array(targets[:half]), np.ones(half), np.arange(half), np.ones(half, bool))
+    classifier.fit(data, TrainingConfig(epochs=3, batch_size=16, validation_fraction=0.1))
+    accuracy = (classifier.predict_proba(crops[half:]).argmax(1) == np.array(targets[half:])).mean()
+    assert accuracy > 0.6, accuracy  # chance is 1/8
+    with pytest.raises(BackboneError, match="CLASSIFIER_BACKBONE"):
+        classifier_backbone(configured=None, serving_model=str(tiny_idefics3), model_dir=tmp_path)

@@ -23,6 +23,7 @@ from backend.labelstudio.export import LabelledItem, labelled_items
 from backend.labelstudio.media import MediaError
 from backend.labelstudio.regions import RegionError, crop_box
 from backend.settings import Settings
+from backend.training.backbone import classifier_backbone
 from backend.training.classifier import Classifier, TrainingConfig, TrainingData
 from backend.training.versions import VersionStore
 
@@ -129,7 +130,9 @@ def _train_controls(settings, spec: ProjectSpec, items, images, partial: Path, r
         data = build_data(mine, images, labels, multi_label, settings.box_padding, settings.box_min_side)
         if len(data.images) < MIN_ITEMS:
             continue
-        classifier = Classifier.build(settings.classifier_backbone, labels, multi_label)
+        classifier = Classifier.build(
+            classifier_backbone(configured=settings.classifier_backbone, serving_model=settings.mllm_model,
+                                model_dir=settings.model_dir), labels, multi_label)  # fmt: skip
 
         def step(fraction: float, number: int = number, control: str = control) -> None:
             report(0.1 + 0.85 * (number + fraction) / len(targets), f"training {control}")

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from backend.labelstudio.devstack import Stack, start_stack
-from backend.models.tiny import build_tiny_checkpoint
 from backend.shapes.training import SHIPPED
 
 _STACK: Stack | None = None
@@ -20,14 +19,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     global _STACK
     workdir = tmp_path_factory.mktemp("e2e")
     model = SHIPPED  # the trained shapes model: world projects get real labels, other configs plausible ones
-    backbone = build_tiny_checkpoint(workdir / "tiny-vit", "vit")
     env = {
         "MLLM_MODEL": str(model),
         "CALIBRATION_MIN_REVIEWS": "4",
-        "CLASSIFIER_BACKBONE": str(backbone),
         "TRAINING_EPOCHS": "2",
         "TRAIN_DEBOUNCE_SECONDS": "2",
-    }  # in-process jobs (no REDIS_URL)
+    }  # in-process jobs (no REDIS_URL); the default classifier backbone: the model's own vision tower
     if os.environ.get("E2E_BACKEND_ENV"):  # e.g. "CRITIC=off" to debug
         env.update(dict(item.split("=", 1) for item in os.environ["E2E_BACKEND_ENV"].split(",")))
     _STACK = start_stack(workdir, workdir / "model-dir", env)
