@@ -56,6 +56,11 @@ def test_sorting_by_prediction_score_puts_wrong_labels_first(report):  # 0.83-0.
     assert report["review_found_at_20"] >= 2 * report["review_found_at_20_random"]
 
 
+def test_the_downstream_classifier_is_trained_and_tested_per_label_source(report):
+    assert set(report["downstream"]) == {"human", "mllm", "mllm_reviewed_20"}
+    assert all(0.25 <= accuracy <= 1.0 for accuracy in report["downstream"].values())  # chance is 1/8
+
+
 def test_review_feedback_calibrates_the_scores(report):  # 0.19-0.20 -> 0.01 on tuning seeds
     assert report["ece_calibrated"] < report["ece_raw"]
 

@@ -23,7 +23,8 @@ from backend.shapes.world import CLASSES, WORLD_VERSION, World, write_world
 
 SCHEMA_VERSION = 1
 REPORT_SEED = 2500  # the report's default world: outside the shapes model's training seeds (0-999)
-REVIEW_SHARE = 0.2  # review_found_at_20
+REVIEW_SHARE = 0.2  # review_found_at_20, and the reviewed share of mllm_reviewed_20
+TEST_SHARE = 0.3  # the downstream classifier's frozen, human-labelled test split: the last 30 % of tasks
 CALIBRATION_SHARE = 0.3  # the most suspicious tasks a simulated reviewer corrects before calibration is judged
 PROJECT = "1.1700000000"
 Log = Callable[[str], None]
@@ -194,6 +195,57 @@ def tags(client, engine, world: World) -> dict:
     }
 
 
+def downstream(model: str, world: World, run: _Run, state: Path) -> dict[str, float]:
+    """Test accuracy of the downstream classifier (default backbone, default loss) by label source.
+
+    One frozen, human-labelled test split (the last TEST_SHARE of tasks) for every source; trained on the rest
+    with the world's true labels (``human``), the backend's labels weighted by their scores (``mllm``), or the
+    backend's labels with the REVIEW_SHARE most suspicious training tasks corrected by a reviewer
+    (``mllm_reviewed_20``).
+    """
+    from backend.settings import Settings
+    from backend.shapes.questions import crop_of
+    from backend.training.backbone import classifier_backbone
+    from backend.training.classifier import Classifier, TrainingData
+    from backend.training.run import training_config
+
+    settings = Settings.from_env({"MLLM_MODEL": model, "MODEL_DIR": str(state)})
+    backbone = classifier_backbone(configured=settings.classifier_backbone, serving_model=model, model_dir=state)
+    images = _images(world)
+    split = len(world.scenes) - math.ceil(TEST_SHARE * len(world.scenes))
+    train_scores = [float(p["score"]) for p in run.predictions[:split]]
+    reviewed = {int(i) for i in np.argsort(train_scores, kind="stable")[: math.ceil(REVIEW_SHARE * split)]}
+    rows: dict[str, list] = {"crops": [], "truth": [], "predicted": [], "score": [], "task": [], "reviewed": []}
+    for index, (scene, prediction) in enumerate(zip(world.scenes, run.predictions, strict=True)):
+        regions = {r["id"]: r for r in prediction.get("result", []) if r.get("type") == "rectanglelabels"}
+        for shape in scene.shapes:
+            region = regions[shape.id]
+            rows["crops"].append(crop_of(images[index], scene, shape))
+            rows["truth"].append(CLASSES.index(shape.cls))
+            rows["predicted"].append(CLASSES.index(region["value"]["rectanglelabels"][0]))
+            rows["score"].append(float(region["score"]))
+            rows["task"].append(index)
+            rows["reviewed"].append(index in reviewed)
+    arrays = {k: np.asarray(v) for k, v in rows.items() if k != "crops"}
+    train, test = np.flatnonzero(arrays["task"] < split), np.flatnonzero(arrays["task"] >= split)
+    human = np.ones(len(train), dtype=bool)
+    sources = {
+        "human": (arrays["truth"][train], np.ones(len(train)), human),
+        "mllm": (arrays["predicted"][train], arrays["score"][train], ~human),
+        "mllm_reviewed_20": (np.where(arrays["reviewed"][train], arrays["truth"][train], arrays["predicted"][train]),
+                             np.where(arrays["reviewed"][train], 1.0, arrays["score"][train]),
+                             arrays["reviewed"][train]),
+    }  # fmt: skip
+    results = {}
+    for source, (targets, weights, was_reviewed) in sources.items():
+        classifier = Classifier.build(backbone, CLASSES, multi_label=False)
+        data = TrainingData([rows["crops"][i] for i in train], targets, weights, arrays["task"][train], was_reviewed)
+        classifier.fit(data, training_config(settings))
+        predicted = classifier.predict_proba([rows["crops"][i] for i in test]).argmax(axis=1)
+        results[source] = float((predicted == arrays["truth"][test]).mean())
+    return results
+
+
 def prompt_edit(engine, world: World) -> float:
     """Box accuracy when the box question is a paraphrase the shapes model never saw (a user's reasonable edit)."""
     from backend.annotate.choice import choose
@@ -263,8 +315,9 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = prin
     report.update(calibration(client, engine, world, config, sent, outcomes, task_scores))
     report["box_accuracy_prompt_edit"] = prompt_edit(engine, world)
     report.update(tags(client, engine, world))
-    report["downstream"] = None  # the downstream classifier on the world: not measured yet
-    report["downstream_by_loss"] = None
+    report["downstream"] = downstream(model, world, run, out / "state")
+    report["downstream_reviews_spent"] = REVIEW_SHARE
+    report["downstream_by_loss"] = None  # other losses (ACT's corrected loss) come with the critic's rebuild
     report = _finite(report)
     write(report, out)
     return report
@@ -289,6 +342,8 @@ def write(report: dict, out: Path) -> list[Path]:
 
 
 def _fmt(value: object) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {_fmt(v)}" for key, v in value.items())
     return f"{value:.3f}" if isinstance(value, float) else ("—" if value is None else str(value))
 
 
