@@ -203,6 +203,8 @@ def downstream(model: str, world: World, run: _Run, state: Path) -> dict[str, fl
     backend's labels with the REVIEW_SHARE most suspicious training tasks corrected by a reviewer
     (``mllm_reviewed_20``).
     """
+    import torch
+
     from backend.settings import Settings
     from backend.shapes.questions import crop_of
     from backend.training.backbone import classifier_backbone
@@ -238,6 +240,7 @@ def downstream(model: str, world: World, run: _Run, state: Path) -> dict[str, fl
     }  # fmt: skip
     results = {}
     for source, (targets, weights, was_reviewed) in sources.items():
+        torch.manual_seed(0)  # the same initial head for every source: only the labels differ
         classifier = Classifier.build(backbone, CLASSES, multi_label=False)
         data = TrainingData([rows["crops"][i] for i in train], targets, weights, arrays["task"][train], was_reviewed)
         classifier.fit(data, training_config(settings))
