@@ -187,10 +187,18 @@ def add_local_files(client, stack: Stack, project: int, paths: list[Path], folde
     target.mkdir(parents=True, exist_ok=True)
     for path in paths:
         (target / path.name).write_bytes(path.read_bytes())
+    before = len(list(client.tasks.list(project=project)))
     storage = client.import_storage.local.create(
         project=project, path=str(target), use_blob_urls=True, regex_filter=r".*\.(png|jpe?g)$", title=folder
     )
-    client.import_storage.local.sync(id=storage.id)
+    # Label Studio swallows a failed sync (e.g. its SQLite busy under load) and skips one it thinks is queued:
+    # ask again until the files are tasks, within a bound.
+    for _ in range(10):
+        client.import_storage.local.sync(id=storage.id)
+        if len(list(client.tasks.list(project=project))) >= before + len(paths):
+            return
+        time.sleep(3)
+    raise RuntimeError(f"Label Studio's local-files sync of {folder} made no tasks after 10 tries")
 
 
 def connect_backend(client, stack: Stack, project: int, title: str = "MLLM annotator") -> int:

@@ -54,10 +54,7 @@ def make_project(client, stack: Stack, config_path: Path) -> tuple[int, list[int
     project = int(client.projects.create(title=config_path.stem, label_config=config).id)
     upload_images(stack, project, IMAGES[:1])
     add_local_files(client, stack, project, IMAGES[1:2], folder=f"p{project}")
-    deadline = time.monotonic() + 30  # a storage sync may finish a moment after it is requested
-    while len(task_ids := sorted(int(t.id) for t in client.tasks.list(project=project))) < 2:
-        assert time.monotonic() < deadline, f"local-files sync made {len(task_ids)} of 2 tasks"
-        time.sleep(0.5)
+    task_ids = sorted(int(t.id) for t in client.tasks.list(project=project))
     assert len(task_ids) == 2
     data = {int(t.id): t.data["image"] for t in client.tasks.list(project=project)}
     assert any("/data/upload/" in url for url in data.values()) and any("local-files" in url for url in data.values())
