@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from backend.annotate.suspicion import auroc, expected_calibration_error
-from backend.shapes.world import CLASSES, WORLD_VERSION, World, write_world
+from backend.shapes.world import CLASSES, WORLD_VERSION, Shape, World, write_world
 
 SCHEMA_VERSION = 1
 REPORT_SEED = 2500  # the report's default world: outside the shapes model's training seeds (0-999)
@@ -155,39 +156,33 @@ def _bins(pairs: list[tuple[float, bool]]) -> list[dict]:
     return reliability_bins([s for s, _ in pairs], [ok for _, ok in pairs])
 
 
-def tags(client, engine, world: World) -> dict:
+def tags(client, engine, world: World, images: list, settings) -> dict:
     """Whole-image tags through /predict, and the candidate stage and per-tag scores asked of the same engine."""
     from sklearn.metrics import average_precision_score
 
     from backend.annotate.tagging import TagSettings, tag_images
+    from backend.evaluation.metrics import tag_metrics
     from backend.labelstudio.config import parse_label_config
+    from backend.labelstudio.export import TagPair
     from backend.prompts import PromptBook
-    from backend.settings import PACKAGE_PROMPTS, Settings
 
     config, tasks = _as_label_studio_sends(world, "tags")
     run = _predict(client, engine, config, tasks)
     truth = [set(scene.tags) for scene in world.scenes]
-    predicted = [set(next((r["value"]["choices"] for r in p.get("result", []) if r["from_name"] == "tags"), []))
-                 for p in run.predictions]  # fmt: skip
-    per_tag = {}
-    for label in CLASSES:
-        tp = sum(label in p and label in t for p, t in zip(predicted, truth, strict=True))
-        fp = sum(label in p and label not in t for p, t in zip(predicted, truth, strict=True))
-        fn = sum(label not in p and label in t for p, t in zip(predicted, truth, strict=True))
-        per_tag[label] = (tp, fp, fn)
-    f1 = [_f1(*counts) for counts in per_tag.values()]
-    total = [sum(c[i] for c in per_tag.values()) for i in range(3)]
+    pairs = [TagPair(number, "tags", frozenset(next((r["value"]["choices"] for r in p.get("result", [])
+                                                     if r["from_name"] == "tags"), [])), frozenset(t), p.get("score"))
+             for number, (p, t) in enumerate(zip(run.predictions, truth, strict=True), start=1)]  # fmt: skip
+    measured = tag_metrics(pairs, CLASSES)
     target = parse_label_config(config).choices[0]
-    defaults = Settings.from_env({"MLLM_MODEL": "-"})
-    found = tag_images(engine, PromptBook(PACKAGE_PROMPTS), _images(world), list(target.labels),
-                       TagSettings(defaults.tag_threshold, defaults.tag_candidate_threshold, defaults.tag_group_size),
+    found = tag_images(engine, PromptBook(settings.prompts_dir), images, list(target.labels),
+                       TagSettings(settings.tag_threshold, settings.tag_candidate_threshold, settings.tag_group_size),
                        dict(target.hints), dict(target.groups))  # fmt: skip
     candidates = sum(len(set(f.candidates) & t) for f, t in zip(found, truth, strict=True))
     aps = [float(average_precision_score([label in t for t in truth], [f.presence.get(label, 0.0) for f in found]))
            for label in CLASSES if any(label in t for t in truth)]  # fmt: skip
     return {
-        "tag_micro_f1": _f1(*total),
-        "tag_macro_f1": float(np.mean(f1)),
+        "tag_micro_f1": measured["micro_f1"],
+        "tag_macro_f1": measured["macro_f1"],
         "tag_candidate_recall": candidates / max(1, sum(len(t) for t in truth)),
         "tag_map": float(np.mean(aps)) if aps else None,
         "tag_candidates_per_image": float(np.mean([len(f.candidates) for f in found])),
@@ -195,7 +190,7 @@ def tags(client, engine, world: World) -> dict:
     }
 
 
-def downstream(model: str, world: World, run: _Run, state: Path) -> dict[str, float]:
+def downstream(shapes: list[_Shape], run: _Run, settings, tasks: int) -> dict[str, float]:
     """Test accuracy of the downstream classifier (default backbone, default loss) by label source.
 
     One frozen, human-labelled test split (the last TEST_SHARE of tasks) for every source; trained on the rest
@@ -205,29 +200,25 @@ def downstream(model: str, world: World, run: _Run, state: Path) -> dict[str, fl
     """
     import torch
 
-    from backend.settings import Settings
-    from backend.shapes.questions import crop_of
     from backend.training.backbone import classifier_backbone
     from backend.training.classifier import Classifier, TrainingData
     from backend.training.run import training_config
 
-    settings = Settings.from_env({"MLLM_MODEL": model, "MODEL_DIR": str(state)})
-    backbone = classifier_backbone(configured=settings.classifier_backbone, serving_model=model, model_dir=state)
-    images = _images(world)
-    split = len(world.scenes) - math.ceil(TEST_SHARE * len(world.scenes))
+    backbone = classifier_backbone(configured=settings.classifier_backbone, serving_model=settings.mllm_model,
+                                   model_dir=settings.model_dir)  # fmt: skip
+    split = tasks - math.ceil(TEST_SHARE * tasks)
     train_scores = [float(p["score"]) for p in run.predictions[:split]]
     reviewed = {int(i) for i in np.argsort(train_scores, kind="stable")[: math.ceil(REVIEW_SHARE * split)]}
     rows: dict[str, list] = {"crops": [], "truth": [], "predicted": [], "score": [], "task": [], "reviewed": []}
-    for index, (scene, prediction) in enumerate(zip(world.scenes, run.predictions, strict=True)):
-        regions = {r["id"]: r for r in prediction.get("result", []) if r.get("type") == "rectanglelabels"}
-        for shape in scene.shapes:
-            region = regions[shape.id]
-            rows["crops"].append(crop_of(images[index], scene, shape))
-            rows["truth"].append(CLASSES.index(shape.cls))
-            rows["predicted"].append(CLASSES.index(region["value"]["rectanglelabels"][0]))
-            rows["score"].append(float(region["score"]))
-            rows["task"].append(index)
-            rows["reviewed"].append(index in reviewed)
+    for item in shapes:
+        region = next(r for r in run.predictions[item.task].get("result", []) if r.get("id") == item.shape.id
+                      and r.get("type") == "rectanglelabels")  # fmt: skip
+        rows["crops"].append(item.crop)
+        rows["truth"].append(CLASSES.index(item.shape.cls))
+        rows["predicted"].append(CLASSES.index(region["value"]["rectanglelabels"][0]))
+        rows["score"].append(float(region["score"]))
+        rows["task"].append(item.task)
+        rows["reviewed"].append(item.task in reviewed)
     arrays = {k: np.asarray(v) for k, v in rows.items() if k != "crops"}
     train, test = np.flatnonzero(arrays["task"] < split), np.flatnonzero(arrays["task"] >= split)
     human = np.ones(len(train), dtype=bool)
@@ -249,45 +240,49 @@ def downstream(model: str, world: World, run: _Run, state: Path) -> dict[str, fl
     return results
 
 
-def prompt_edit(engine, world: World) -> float:
+def prompt_edit(engine, shapes: list[_Shape]) -> float:
     """Box accuracy when the box question is a paraphrase the shapes model never saw (a user's reasonable edit)."""
     from backend.annotate.choice import choose
     from backend.prompts import format_labels
-    from backend.shapes.questions import crop_of, phrasings
+    from backend.shapes.questions import phrasings
 
     template = phrasings("box_label", held_out=True)[0]
-    images = _images(world)
-    crops, truth = [], []
-    for scene, image in zip(world.scenes, images, strict=True):
-        for shape in scene.shapes:
-            crops.append(crop_of(image, scene, shape))
-            truth.append(shape.cls)
-    answers = choose(engine, crops, template.format(labels=format_labels(CLASSES)), CLASSES)
-    return float(np.mean([a.label == t for a, t in zip(answers, truth, strict=True)]))
+    answers = choose(engine, [item.crop for item in shapes], template.format(labels=format_labels(CLASSES)), CLASSES)
+    return float(np.mean([a.label == item.shape.cls for a, item in zip(answers, shapes, strict=True)]))
 
 
-def _images(world: World):
-    from PIL import Image
+@dataclass(frozen=True)
+class _Shape:
+    """A ground-truth shape of the world with its task (0-based) and its crop, as the backend crops it."""
 
-    return [Image.open(world.root / "images" / f"{scene.name}.png").convert("RGB") for scene in world.scenes]
+    task: int
+    shape: Shape
+    crop: Image.Image
 
 
-def _f1(tp: int, fp: int, fn: int) -> float:
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+def _images_and_shapes(world: World) -> tuple[list[Image.Image], list[_Shape]]:
+    """The world's images, read once, and every shape's crop."""
+    from backend.shapes.questions import crop_of
+
+    images = [Image.open(world.root / "images" / f"{scene.name}.png").convert("RGB") for scene in world.scenes]
+    shapes = [_Shape(index, shape, crop_of(images[index], scene, shape))
+              for index, scene in enumerate(world.scenes) for shape in scene.shapes]  # fmt: skip
+    return images, shapes
 
 
 def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = print) -> dict:
     """Generate the held-out world, predict, review, and write report.json, summary.md and plots into ``out``."""
-    out = Path(out)
-    world = write_world(out / "world", tasks=tasks, seed=seed)
-    log(f"world {WORLD_VERSION}, seed {seed}: {tasks} tasks, {sum(len(s.shapes) for s in world.scenes)} boxes")
-    config, sent = _as_label_studio_sends(world, "boxes")
-    boxes = sum(len(s.shapes) for s in world.scenes)
-
     from backend.reviews import ReviewStore
     from backend.settings import Settings
 
-    critic_default = Settings.from_env({"MLLM_MODEL": model}).critic
+    out = Path(out)
+    world = write_world(out / "world", tasks=tasks, seed=seed)
+    images, shapes = _images_and_shapes(world)
+    boxes = len(shapes)
+    log(f"world {WORLD_VERSION}, seed {seed}: {tasks} tasks, {boxes} boxes")
+    config, sent = _as_label_studio_sends(world, "boxes")
+    settings = Settings.from_env({"MLLM_MODEL": model, "MODEL_DIR": str(out / "state")})  # the defaults
+    critic_default = settings.critic
     client, engine = _backend(model, out / "state-critic-flipped", CRITIC="off" if critic_default else "on")
     flipped = _predict(client, engine, config, sent)  # the same boxes with the critic the other way round
     flipped_outcomes = _box_outcomes(world, flipped)
@@ -316,9 +311,9 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = prin
     report["calls_per_image"] = run.forward_passes / max(1, tasks)
     report["tokens_per_box"] = run.tokens / max(1, boxes)
     report.update(calibration(client, engine, world, config, sent, outcomes, task_scores))
-    report["box_accuracy_prompt_edit"] = prompt_edit(engine, world)
-    report.update(tags(client, engine, world))
-    report["downstream"] = downstream(model, world, run, out / "state")
+    report["box_accuracy_prompt_edit"] = prompt_edit(engine, shapes)
+    report.update(tags(client, engine, world, images, settings))
+    report["downstream"] = downstream(shapes, run, settings, tasks)
     report["downstream_reviews_spent"] = REVIEW_SHARE
     report["downstream_by_loss"] = None  # other losses (ACT's corrected loss) come with the critic's rebuild
     report = _finite(report)
