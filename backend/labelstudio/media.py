@@ -21,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 
 import numpy as np
@@ -114,6 +115,12 @@ class _PinnedAddress(HTTPAdapter):
     def send(self, request, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
         request.headers.setdefault("Host", urlsplit(request.url).netloc)
         return super().send(request, *args, **kwargs)
+
+
+@lru_cache(maxsize=16)
+def _site_origin(base_url: str) -> tuple[str, str, int]:
+    """Label Studio's origin, parsed once per configured URL rather than once per download."""
+    return parse_target(base_url).origin
 
 
 def pinned_session(host: str, address: str) -> requests.Session:
@@ -234,7 +241,10 @@ class ImageLoader:
         return addresses[0]
 
     def _is_label_studio(self, target: Target, site: LabelStudioAuth | None) -> bool:
-        return site is not None and target.origin == parse_target(site.base_url).origin
+        return site is not None and target.origin == _site_origin(site.base_url)
+
+    def _timed_out(self, shown: str) -> MediaError:
+        return MediaError(f"timed out after {self.limits.timeout:g} s fetching {shown}")
 
     def _download(self, url: str, site: LabelStudioAuth | None) -> bytes:
         ends = time.monotonic() + deadline.bounded(self.limits.timeout)  # the whole download, redirects included
@@ -266,11 +276,11 @@ class ImageLoader:
         """(body, None), or (b"", where it redirects to)."""
         left = ends - time.monotonic()
         if left <= 0:
-            raise MediaError(f"timed out after {self.limits.timeout:g} s fetching {redact(target.url)}")
+            raise self._timed_out(redact(target.url))
         try:
             response = session.get(target.url, headers=headers, timeout=left, stream=True, allow_redirects=False)
         except requests.Timeout:
-            raise MediaError(f"timed out after {self.limits.timeout:g} s fetching {redact(target.url)}") from None
+            raise self._timed_out(redact(target.url)) from None
         except requests.RequestException as exc:
             raise MediaError(f"could not fetch {redact(target.url)} ({type(exc).__name__})") from None
         shown = redact(target.url, keep_query=from_label_studio)
@@ -303,10 +313,10 @@ class ImageLoader:
                 if buffer.tell() > limit:
                     raise MediaError(f"{shown} is over MEDIA_MAX_BYTES={limit} bytes")
                 if time.monotonic() > ends:
-                    raise MediaError(f"timed out after {self.limits.timeout:g} s fetching {shown}")
+                    raise self._timed_out(shown)
         except (requests.RequestException, HTTPError, OSError) as exc:
             if isinstance(exc, (ReadTimeoutError, TimeoutError, requests.Timeout)):
-                raise MediaError(f"timed out after {self.limits.timeout:g} s fetching {shown}") from None
+                raise self._timed_out(shown) from None
             raise MediaError(f"the download of {shown} broke off ({type(exc).__name__})") from None
         return buffer.getvalue()
 
