@@ -162,48 +162,41 @@ class RedisJobs:
     def train_now(self, project: int) -> str:
         return self._guard(lambda: self._decide(project, self._at_once))
 
-    def _decide(self, project: int, decision: Callable[[int, str], str]) -> str:
-        """Run ``decision(project, pending job id)`` alone: one decision per project at a time, across every
-        process sharing this Redis, so concurrent events can never queue two trainings or cancel one twice."""
+    def _decide(self, project: int, decision: Callable[[int, str, bool], str]) -> str:
+        """Run ``decision(project, pending job id or "", whether it is still only scheduled)`` alone: one decision
+        per project at a time, across every process sharing this Redis, so concurrent events can never queue two
+        trainings or cancel one twice. The pending job's status is read once, here."""
+        from rq.job import JobStatus
+
         with self.redis.lock(f"{self.name}:training-lock:{project}", timeout=30, blocking_timeout=10):
             pending = (self.redis.get(self._pending_key(project)) or b"").decode()
-            return decision(project, pending if self._exists(pending) else "")
+            status = self._job_status(pending)
+            live = status in {JobStatus.SCHEDULED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.STARTED}
+            return decision(project, pending if live else "", status == JobStatus.SCHEDULED)
 
-    def _after_annotation(self, project: int, pending: str) -> str:
+    def _after_annotation(self, project: int, pending: str, scheduled: bool) -> str:
         count = self.redis.incr(self._count_key(project))
         enough = count >= self.settings.train_after_annotations
         if not pending:
             return self._enqueue_training(project, 0.0 if enough else self.settings.train_debounce_seconds)
-        if enough and self._scheduled(pending):
+        if enough and scheduled:
             return self._enqueue_training(project, 0.0, replacing=pending)  # enough piled up: train now
         return pending
 
-    def _at_once(self, project: int, pending: str) -> str:
-        return self._enqueue_training(project, 0.0, replacing=pending if self._scheduled(pending) else None)
+    def _at_once(self, project: int, pending: str, scheduled: bool) -> str:
+        return self._enqueue_training(project, 0.0, replacing=pending if scheduled else None)
 
-    def _exists(self, job_id: str) -> bool:
-        """A pending mark whose job still waits or runs (its worker may have died, or rq expired it)."""
+    def _job_status(self, job_id: str):  # noqa: ANN202 -- rq's JobStatus, or None when there is no such job
+        """The status of a pending mark's job (None: none, or rq expired it; a dead worker's job may linger)."""
         from rq.exceptions import NoSuchJobError
-        from rq.job import Job, JobStatus
+        from rq.job import Job
 
         if not job_id:
-            return False
+            return None
         try:
-            status = Job.fetch(job_id, connection=self.redis).get_status()
+            return Job.fetch(job_id, connection=self.redis).get_status()
         except NoSuchJobError:
-            return False
-        return status in {JobStatus.SCHEDULED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.STARTED}
-
-    def _scheduled(self, job_id: str) -> bool:
-        from rq.exceptions import NoSuchJobError
-        from rq.job import Job, JobStatus
-
-        if not job_id:
-            return False
-        try:
-            return Job.fetch(job_id, connection=self.redis).get_status() == JobStatus.SCHEDULED
-        except NoSuchJobError:
-            return False
+            return None
 
     def _enqueue_training(self, project: int, delay: float, replacing: str | None = None) -> str:
         from rq.exceptions import InvalidJobOperation, NoSuchJobError
