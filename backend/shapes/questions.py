@@ -172,9 +172,9 @@ def example(
     if kind in {"tag_candidates", "tag_present"}:
         group = _group(rng, scene)
         present = [label for label in group if label in scene.tags]
-        if kind == "tag_candidates":
-            largest = {s.cls: s.width * s.height for s in sorted(scene.shapes, key=lambda s: s.width * s.height)}
-            answer = max(present, key=lambda label: largest[label]) if present else NONE_OF_THESE
+        if kind == "tag_candidates":  # "the most clearly visible": the largest shape of the group
+            shown = [s for s in scene.shapes if s.cls in present]
+            answer = max(shown, key=lambda s: s.width * s.height).cls if shown else NONE_OF_THESE
         else:
             answer = ", ".join(present) if present else NONE_OF_THESE
         return Example(image, _fill(template, labels=format_labels(group)), answer, text_first)

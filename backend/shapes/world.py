@@ -189,7 +189,7 @@ def _random_shape(rng: np.random.Generator, shape_id: str, width: int, height: i
 def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     image = _background(scene, rng)
     for shape in scene.shapes:
-        _draw(image, shape, rng)
+        _draw(image, shape)
     return image
 
 
@@ -251,7 +251,7 @@ def _pattern(shape: Shape, w: int, h: int) -> Image.Image:
     return Image.fromarray(tile.astype(np.uint8), "RGB")
 
 
-def _draw(image: Image.Image, shape: Shape, rng: np.random.Generator) -> None:
+def _draw(image: Image.Image, shape: Shape) -> None:
     w = max(2, round(shape.width / 100 * image.width))
     h = max(2, round(shape.height / 100 * image.height))
     tile = _pattern(shape, w, h).convert("RGBA")

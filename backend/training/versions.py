@@ -20,9 +20,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from backend.jobs import JOB_TIMEOUT
 from backend.training.classifier import Classifier
 
-ABANDONED_AFTER_SECONDS = 6 * 3600 + 600  # longer than any job may run (jobs.JOB_TIMEOUT)
+ABANDONED_AFTER_SECONDS = JOB_TIMEOUT + 600  # longer than any job may run
 
 
 _PARTIAL = re.compile(r"^\.partial-(?P<host>.+)-(?P<pid>\d+)-v\d{8}-\d{6}-[0-9a-f]{6}$")
