@@ -20,12 +20,13 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from backend import deadline
-from backend.annotate.boxes import FineName, label_crops, name_crops
+from backend.annotate.boxes import FineName, label_crops, name_crops, read_crops
 from backend.annotate.choice import Choice
 from backend.annotate.critic import judge
 from backend.annotate.mapping import LabelMapper
 from backend.annotate.suspicion import Signals, fuse
 from backend.annotate.tagging import Tags, TagSettings, classify_images, tag_images
+from backend.annotate.texts import write_texts
 from backend.deadline import DeadlineExceeded
 from backend.labelstudio.auth import LabelStudioAuth
 from backend.labelstudio.client import LabelStudioSites
@@ -34,6 +35,8 @@ from backend.labelstudio.config import (
     BoxTextTarget,
     ImageChoiceTarget,
     ImageField,
+    ImageTextTarget,
+    LabelSet,
     ProjectSpec,
     check_label_count,
     parse_label_config,
@@ -47,12 +50,13 @@ from backend.labelstudio.regions import (
     box_from_region,
     box_label,
     box_result,
-    choices_result,
     crop_box,
+    image_result,
     shrink_to,
+    text_result,
 )
 from backend.labelstudio.review import PredictedLabel
-from backend.labelstudio.tasks import user_boxes
+from backend.labelstudio.tasks import user_regions
 from backend.metrics import Metrics
 from backend.models.engine import Engine, EngineUnavailable
 from backend.models.slot import EngineSlot
@@ -115,6 +119,7 @@ class _BoxJob:
     box: Box
     user_label: str | None
     crop: Image.Image
+    label_sets: dict[str, tuple[str, ...]]  # control → this task's labels for it
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,15 @@ class _ImageJob:
     task: int
     target: ImageChoiceTarget
     image: Image.Image
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _TextJob:
+    task: int
+    target: ImageTextTarget
+    image: Image.Image
+    question: str | None
 
 
 @dataclass
@@ -129,13 +143,14 @@ class _Prepared:
     """One task's crops and images, ready for the model."""
 
     task: int
-    box_jobs: list[_BoxJob]
-    image_jobs: list[_ImageJob]
+    box_jobs: list[_BoxJob] = field(default_factory=list)
+    image_jobs: list[_ImageJob] = field(default_factory=list)
+    text_jobs: list[_TextJob] = field(default_factory=list)
 
     @property
     def pixels(self) -> int:
-        held = [job.crop for job in self.box_jobs] + [job.image for job in self.image_jobs]
-        return sum(image.width * image.height for image in held)
+        held = [job.crop for job in self.box_jobs] + [job.image for job in (*self.image_jobs, *self.text_jobs)]
+        return sum(image.width * image.height for image in {id(image): image for image in held}.values())
 
 
 @dataclass
@@ -145,12 +160,14 @@ class _Chunk:
     tasks: list[int] = field(default_factory=list)
     box_jobs: list[_BoxJob] = field(default_factory=list)
     image_jobs: list[_ImageJob] = field(default_factory=list)
+    text_jobs: list[_TextJob] = field(default_factory=list)
     pixels: int = 0
 
     def add(self, prepared: _Prepared) -> None:
         self.tasks.append(prepared.task)
         self.box_jobs += prepared.box_jobs
         self.image_jobs += prepared.image_jobs
+        self.text_jobs += prepared.text_jobs
         self.pixels += prepared.pixels
 
 
@@ -201,7 +218,7 @@ class Predictor:
         prompts: PromptBook,
         sites: LabelStudioSites,
         metrics: Metrics,
-        reviews: ReviewStore,
+        reviews: ReviewStore | None = None,
         mapper: LabelMapper | None = None,
         critic_slot: EngineSlot | None = None,
         versions: VersionStore | None = None,
@@ -286,6 +303,7 @@ class Predictor:
             mine = [j for j in chunk.box_jobs if _belongs(j.box, text_target)]
             self._name_boxes(engine, text_target, spec, mine, outcomes)
         self._choose_for_images(engine, chunk.image_jobs, outcomes)
+        self._write_image_texts(engine, chunk.text_jobs, outcomes)
         judged = [j for index in chunk.tasks if not outcomes[index].error for j in outcomes[index].judged]
         self._score(engine, judged, project)
 
@@ -328,30 +346,44 @@ class Predictor:
     def _prepare(
         self, index: int, task: dict, spec: ProjectSpec, site: LabelStudioAuth | None, context: dict | None
     ) -> _Prepared:
-        loaded: dict[str, Image.Image] = {}
+        loaded: dict[tuple[str, int | None], Image.Image] = {}
 
-        def image(field_: ImageField) -> Image.Image:
-            if field_.name not in loaded:
-                loaded[field_.name] = self.loader.load(field_.url(task), site, label_studio_id(task.get("id")))
-            return loaded[field_.name]
+        def image(field_: ImageField, item: int | None = None) -> Image.Image:
+            if (field_.name, item) not in loaded:
+                url = field_.url(task, item)
+                loaded[field_.name, item] = self.loader.load(url, site, label_studio_id(task.get("id")))
+            return loaded[field_.name, item]
 
         images_by_name = {f.name: f for f in spec.images}
         box_controls = {c for t in (*spec.boxes, *spec.texts) for c in t.box_controls}
-        prepared = _Prepared(index, [], [])
-        for region in user_boxes(task, context):
+        label_sets = {t.control: self._labels_of(t.source, task) for t in spec.boxes if t.label_set is not None}
+        prepared = _Prepared(index)
+        for region in user_regions(task, context):
             box = box_from_region(region)
             if box.from_name not in box_controls or box.to_name not in images_by_name:
                 continue
-            crop = crop_box(image(images_by_name[box.to_name]), box, self.settings.box_padding,
+            crop = crop_box(image(images_by_name[box.to_name], box.item_index), box, self.settings.box_padding,
                             self.settings.box_min_side)  # fmt: skip
-            prepared.box_jobs.append(_BoxJob(index, box, box_label(region), crop))
+            prepared.box_jobs.append(_BoxJob(index, box, box_label(region), crop, label_sets))
             self._check_held(prepared)
         if not (context and context.get("result")):  # interactive requests label only the region just drawn
             for target in spec.choices:
                 held = shrink_to(image(target.image), MODEL_IMAGE_MAX_PIXELS)
-                prepared.image_jobs.append(_ImageJob(index, target, held))
+                prepared.image_jobs.append(_ImageJob(index, target, held, self._labels_of(target.source, task)))
+                self._check_held(prepared)
+            for text_target in spec.image_texts:
+                held = shrink_to(image(text_target.image), MODEL_IMAGE_MAX_PIXELS)
+                question = _question(task, text_target.question) if text_target.question else None
+                prepared.text_jobs.append(_TextJob(index, text_target, held, question))
                 self._check_held(prepared)
         return prepared
+
+    def _labels_of(self, source: LabelSet, task: dict) -> tuple[str, ...]:
+        labels = source.of(task)
+        if len(labels) > self.settings.max_labels:
+            raise TaskError(f"the task's data holds {len(labels)} labels under {source.data_key!r}, over "
+                            f"MAX_LABELS={self.settings.max_labels}")  # fmt: skip
+        return labels
 
     def _check_held(self, prepared: _Prepared) -> None:
         """Refuse a task as soon as what it holds for the model passes the request's budget (not after)."""
@@ -366,13 +398,14 @@ class Predictor:
     ) -> None:
         cascaded = self._cascade(target, jobs, project)
         rest = [job for index, job in enumerate(jobs) if index not in cascaded]
-        asked = iter(run_isolated(partial(self._label_crops, engine, target), [job.crop for job in rest]))
+        questions = [(job.crop, job.label_sets.get(target.control, target.labels)) for job in rest]
+        asked = iter(run_isolated(partial(self._label_crops, engine), questions))
         for index, job in enumerate(jobs):
             answer = cascaded[index] if index in cascaded else next(asked)
             if isinstance(answer, Exception):
                 self._model_failed(outcomes[job.task], answer)
                 continue
-            payload = {target.result_type: [answer.label]}
+            payload = target.source.payload(target.result_type, answer.label)
             region = box_result(job.box, target.control, target.image.name, target.result_type, payload, None)
             signals = Signals(annotator=answer.probability, margin=answer.margin, mapped=answer.mapped)
             outcome = outcomes[job.task]
@@ -397,15 +430,21 @@ class Predictor:
         self.metrics.cascade_skipped.inc(len(sure))
         return sure
 
-    def _label_crops(self, engine: Engine, target: BoxLabelTarget, crops: list[Image.Image]) -> list[Choice]:
-        return label_crops(engine, self.prompts, crops, target.labels)
+    def _label_crops(self, engine: Engine, questions: list[tuple[Image.Image, tuple[str, ...]]]) -> list[Choice]:
+        """Each crop's label from its own label set (a set read from task data can differ between tasks)."""
+        answers: list[Choice | None] = [None] * len(questions)
+        for labels, indices in _group(range(len(questions)), lambda i: questions[i][1]).items():
+            crops = [questions[i][0] for i in indices]
+            for i, answer in zip(indices, label_crops(engine, self.prompts, crops, labels), strict=True):
+                answers[i] = answer
+        return [answer for answer in answers if answer is not None]
 
     def _name_boxes(
         self, engine: Engine, target: BoxTextTarget, spec: ProjectSpec, jobs: list[_BoxJob], outcomes: list[_Outcome]
     ) -> None:
         label_set = next((t.labels for t in spec.boxes if t.image == target.image), ())
         labels = [outcomes[j.task].box_labels.get(j.box.id) or j.user_label or "object" for j in jobs]
-        ask = partial(self._name_crops, engine, label_set)
+        ask = partial(self._read_crops if target.task == "read" else self._name_crops, engine, label_set)
         for job, name in zip(jobs, run_isolated(ask, list(zip([j.crop for j in jobs], labels, strict=True))),
                              strict=True):  # fmt: skip
             if isinstance(name, Exception):
@@ -428,9 +467,28 @@ class Predictor:
         crops, labels = [crop for crop, _ in items], [label for _, label in items]
         return name_crops(engine, self.prompts, crops, labels, label_set, self.mapper)
 
-    def _choose_for_images(self, engine: Engine, jobs: list[_ImageJob], outcomes: list[_Outcome]) -> None:
+    def _read_crops(self, engine: Engine, _labels: Sequence[str], items: list[tuple[Image.Image, str]]) -> list:
+        return read_crops(engine, self.prompts, [crop for crop, _ in items])
+
+    def _write_image_texts(self, engine: Engine, jobs: list[_TextJob], outcomes: list[_Outcome]) -> None:
+        """Captions and answers to questions about whole images, with their token-probability confidence."""
         for target, group in _group(jobs, lambda job: job.target).items():
-            ask = partial(self._answer_images, engine, target)
+            items = [(job.image, job.question) for job in group]
+            for job, text in zip(group, run_isolated(partial(write_texts, engine, self.prompts), items), strict=True):
+                if isinstance(text, Exception):
+                    self._model_failed(outcomes[job.task], text)
+                    continue
+                if not text.text:
+                    continue
+                region = text_result(target.control, target.to_name, text.text, text.confidence)
+                outcomes[job.task].results.append(region)
+                if text.confidence is not None:
+                    outcomes[job.task].confidences.append(text.confidence)
+                self.metrics.regions.labels(kind="text").inc()
+
+    def _choose_for_images(self, engine: Engine, jobs: list[_ImageJob], outcomes: list[_Outcome]) -> None:
+        for (target, labels), group in _group(jobs, lambda job: (job.target, job.labels)).items():
+            ask = partial(self._answer_images, engine, target, labels)
             for job, answer in zip(group, run_isolated(ask, [job.image for job in group]), strict=True):
                 if isinstance(answer, Exception):
                     self._model_failed(outcomes[job.task], answer)
@@ -445,21 +503,23 @@ class Predictor:
             if not answer.labels:  # "none of these" was predicted: no label to judge, but a decision to rank
                 outcome.confidences.append(answer.confidence)
                 return
-            region = choices_result(target.control, target.control, target.image.name, list(answer.labels), None)
+            region = image_result(target.control, target.image.name, "choices", {"choices": list(answer.labels)})
             for tag in answer.labels:
                 signals = Signals(annotator=answer.presence[tag])
                 outcome.judged.append(_Judged(image, tag, signals, region, target.control, target.control, hints))
         else:
-            region = choices_result(target.control, target.control, target.image.name, [answer.label], None)
+            result_type = "taxonomy" if target.source.paths else "choices"
+            payload = target.source.payload(result_type, answer.label)
+            region = image_result(target.control, target.image.name, result_type, payload)
             signals = Signals(annotator=answer.probability, margin=answer.margin, mapped=answer.mapped)
             outcome.judged.append(_Judged(image, answer.label, signals, region, target.control, target.control, hints))
         outcome.results.append(region)
 
     def _answer_images(
-        self, engine: Engine, target: ImageChoiceTarget, images: list[Image.Image]
+        self, engine: Engine, target: ImageChoiceTarget, labels: tuple[str, ...], images: list[Image.Image]
     ) -> list[Choice] | list[Tags]:
         if not target.multiple:
-            return classify_images(engine, self.prompts, images, target.labels)
+            return classify_images(engine, self.prompts, images, labels)
         s = self.settings
         tag_settings = TagSettings(
             threshold=target.threshold if target.threshold is not None else s.tag_threshold,
@@ -468,9 +528,7 @@ class Predictor:
             ),
             group_size=target.group_size or s.tag_group_size,
         )
-        return tag_images(
-            engine, self.prompts, images, target.labels, tag_settings, dict(target.hints), dict(target.groups)
-        )
+        return tag_images(engine, self.prompts, images, labels, tag_settings, dict(target.hints), dict(target.groups))
 
     # --- suspicion ---------------------------------------------------------------------
 
@@ -478,7 +536,7 @@ class Predictor:
         """Critic pass, fusion, calibration: each judged label's P(correct) and its region's score."""
         verdicts = self._critic(engine, judged)
         agreement = self._classifier_agreement(judged, project)
-        calibrator = self.reviews.calibrator(project)
+        calibrator = self.reviews.calibrator(project) if self.reviews is not None else None
         for item, verdict, classifier in zip(judged, verdicts, agreement, strict=True):
             signals = replace(item.signals, critic=verdict, classifier=classifier)
             item.raw = fuse(signals)
@@ -529,7 +587,7 @@ class Predictor:
     ) -> None:
         """Keep each predicted label's raw score (to learn from review) and each task's model usage (for cost)."""
         done = [o for o in outcomes if not o.error and isinstance(o.task_id, int) and (o.judged or o.results)]
-        if project is None or not done:
+        if project is None or not done or self.reviews is None:
             return
         judged = [(o, j) for o in done for j in o.judged]
         labels = [PredictedLabel(int(o.task_id), j.region_id, j.control, j.label, j.raw) for o, j in judged]
@@ -556,6 +614,14 @@ def _group(items: Sequence[T], key: Callable[[T], Any]) -> dict[Any, list[T]]:
 
 def _describe(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
+
+
+def _question(task: dict, key: str) -> str:
+    data = task.get("data") if isinstance(task.get("data"), dict) else {}
+    question = data.get(key)
+    if not isinstance(question, str) or not question.strip():
+        raise TaskError(f"task data has no question text under {key!r}")
+    return question.strip()[:2000]
 
 
 def _reason(exc: Exception) -> str:

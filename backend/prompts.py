@@ -20,6 +20,9 @@ TEMPLATES: dict[str, frozenset[str]] = {
     "tag_candidates": frozenset({"labels"}),
     "tag_confirm": frozenset({"label", "definition"}),
     "critic": frozenset({"label", "definition"}),
+    "caption": frozenset(),
+    "answer": frozenset({"question"}),
+    "region_text": frozenset(),
 }
 CONCEPTS_FILE = "concepts.json"
 

@@ -46,11 +46,23 @@ class _StrictJSON(DefaultJSONProvider):
         return super().dumps(obj, allow_nan=False, **kwargs)
 
 
+REASON_MAX_CHARS = 600
+
+
 def _error(message: str, status: int, **headers: str) -> Response:
+    """A JSON error whose message is also the status line's reason phrase: Label Studio shows a backend's refusal
+    as ``str(HTTPError)`` ("400 Client Error: <reason> for url: ..."), never the body."""
     response = jsonify({"error": message})
-    response.status_code = status
+    response.status = f"{status} {reason_phrase(message)}"
     response.headers.update(headers)
     return response
+
+
+def reason_phrase(message: str) -> str:
+    """``message`` as an HTTP reason phrase: printable ASCII on one line (RFC 9112), at most REASON_MAX_CHARS."""
+    flat = "".join(c if " " <= c <= "~" else "?" if c > "~" else " " for c in message)
+    flat = " ".join(flat.split())
+    return flat if len(flat) <= REASON_MAX_CHARS else flat[: REASON_MAX_CHARS - 3] + "..."
 
 
 def _json_object() -> dict[str, Any]:

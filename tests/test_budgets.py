@@ -97,7 +97,8 @@ def test_a_task_with_many_large_regions_is_refused_before_it_holds_them_all(make
     client, _ = make_client(CRITIC="off", PREDICT_MAX_PIXELS="10000000")
     image = data_url(png_bytes(Image.new("RGB", (2000, 2000), (10, 200, 10))))
     many = boxed(1, image, x=0, y=0, width=100, height=100)
-    many["annotations"][0]["result"] *= 500
+    [box] = many["annotations"][0]["result"]
+    many["annotations"][0]["result"] = [{**box, "id": f"b{i}"} for i in range(500)]
     growth, response = peak_growth_kb(lambda: client.post("/predict", json={"tasks": [many], "label_config": BOXES}))
     assert "PREDICT_MAX_PIXELS=10000000" in response.get_json()["results"][0]["error"]
     assert growth < 300 * 1024, f"peak RSS grew {growth // 1024} MB"

@@ -48,10 +48,11 @@ def test_rectangle_with_per_region_choices_labels_the_rectangles():
         ("", "empty"),
         ("<View><bad", "not valid XML"),
         ('<View><Text name="t" value="$t"/></View>', "no <Image>"),
-        ('<View><Image name="i" value="$i"/><TextArea name="d" toName="i"/></View>', "nothing to annotate"),
+        ('<View><Audio name="a" value="$a"/><TextArea name="t" toName="a"/></View>', r"found <Audio>, <TextArea>"),
+        ('<View><Image name="i" value="$i"/><Choices name="c" toName="i"/></View>', "nothing to annotate"),
         (
             '<View><Image name="i" value="$i"/><Choices name="c" toName="x"><Choice value="a"/></Choices></View>',
-            "not an <Image>",
+            "not an object",
         ),
     ],
 )

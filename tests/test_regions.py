@@ -12,7 +12,7 @@ from backend.labelstudio.regions import (
     crop_box,
     pixel_corners,
 )
-from backend.labelstudio.tasks import user_boxes
+from backend.labelstudio.tasks import user_regions
 
 
 def region(x=10.0, y=20.0, width=30.0, height=40.0, rotation=0.0, **extra):
@@ -100,9 +100,9 @@ def test_boxes_come_from_context_first_then_the_latest_annotation_or_draft():
     new = {"updated_at": "2026-02-01", "result": [region(id="new")]}
     cancelled = {"updated_at": "2026-03-01", "was_cancelled": True, "result": [region(id="skip")]}
     task = {"annotations": [old, cancelled], "drafts": [new]}
-    assert [r["id"] for r in user_boxes(task, None)] == ["new"]
-    assert [r["id"] for r in user_boxes(task, {"result": [region(id="drawn")]})] == ["drawn"]
-    assert user_boxes({"annotations": [{"result": [{"type": "choices", "value": {}}]}]}, None) == []
+    assert [r["id"] for r in user_regions(task, None)] == ["new"]
+    assert [r["id"] for r in user_regions(task, {"result": [region(id="drawn")]})] == ["drawn"]
+    assert user_regions({"annotations": [{"result": [{"type": "choices", "value": {}}]}]}, None) == []
 
 
 def test_project_id_reads_label_studios_project_string():

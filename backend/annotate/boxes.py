@@ -16,6 +16,7 @@ from PIL import Image
 
 from backend.annotate.choice import Choice, choose
 from backend.annotate.mapping import LabelMapper, Mapping
+from backend.annotate.texts import READING_TOKENS, as_text
 from backend.models.engine import Engine
 from backend.prompts import PromptBook, format_labels
 
@@ -59,6 +60,12 @@ def name_crops(
             mapping = mapper.map(category, label_set) if mapper is not None and label_set and category else None
             names[i] = FineName(generation.text, confidence, mapping)
     return [name for name in names if name is not None]
+
+
+def read_crops(engine: Engine, prompts: PromptBook, crops: Sequence[Image.Image]) -> list[FineName]:
+    """The text written in each crop (OCR), with its geometric-mean token probability."""
+    generations = engine.generate(list(crops), prompts.render("region_text"), max_new_tokens=READING_TOKENS)
+    return [FineName(text.text, text.confidence, None) for text in map(as_text, generations)]
 
 
 def name_category(text: str) -> str:

@@ -218,7 +218,8 @@ DEMO_TASKS = 24
 
 def create_demo_project(client, stack: Stack, title: str = "MLLM annotator demo") -> int:
     """A shapes-world project with the world's own config: the boxes a person drew (geometry only: the labels are
-    the model's to give), connected, predictions retrieved, and a saved "Most suspicious first" tab."""
+    the model's to give), connected, predictions retrieved, a saved "Most suspicious first" tab, and every task
+    opening on the model's labels."""
     from backend.labelstudio.client import create_review_view
     from backend.shapes.world import write_world
 
@@ -235,7 +236,26 @@ def create_demo_project(client, stack: Stack, title: str = "MLLM annotator demo"
     connect_backend(client, stack, project)
     retrieve_predictions(client, project)
     create_review_view(client, project)
+    _open_on_predictions(client, stack, project)
     return project
+
+
+def _open_on_predictions(client, stack: Stack, project: int, timeout: float = 60.0) -> None:
+    """Let each task open on the model's labels: Label Studio opens a task on its annotation when there is one,
+    and pre-fills a new one from the prediction of the project's model_version when there is none. The person's
+    unlabelled boxes live on in the prediction (same region ids and geometry), so they are deleted here once the
+    backend has synced the project's model_version."""
+    import time
+
+    version = requests.get(f"{stack.backend_url}/versions", timeout=10).json()["model_version"]
+    ends = time.monotonic() + timeout
+    while client.projects.get(project).model_version != version:
+        if time.monotonic() > ends:
+            raise RuntimeError(f"project {project} never took the backend's model_version {version}")
+        time.sleep(1)
+    for task in client.tasks.list(project=project):
+        for annotation in client.annotations.list(id=task.id):
+            client.annotations.delete(id=annotation.id)
 
 
 def run_demo(workdir: Path, port: int, backend_port: int) -> None:

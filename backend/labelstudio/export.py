@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.labelstudio.config import ProjectSpec
-from backend.labelstudio.regions import Box, RegionError, box_from_region, region_labels
+from backend.labelstudio.regions import Box, RegionError, box_from_region, on_region, region_labels
 
 
 @dataclass(frozen=True)
@@ -45,15 +45,15 @@ def labelled_items(task: dict[str, Any], spec: ProjectSpec, model_version: str |
     for target in spec.boxes:
         for region in regions:
             labels = region_labels(region)
-            if region.get("from_name") != target.control or not labels or "x" not in (region.get("value") or {}):
+            if region.get("from_name") != target.control or not labels or not on_region(region):
                 continue
             try:
                 box = box_from_region(region)
             except RegionError:
                 continue
             confidence = 1.0 if reviewed else float(region.get("score", source.get("score", 0.5)) or 0.5)
-            items.append(LabelledItem(task_id, target.image.url(task), target.control, labels[:1], reviewed,
-                                      confidence, box))  # fmt: skip
+            url = target.image.url(task, box.item_index)
+            items.append(LabelledItem(task_id, url, target.control, labels[:1], reviewed, confidence, box))
     for target in spec.choices:
         mine = [r for r in regions if r.get("from_name") == target.control]
         labels = tuple(label for region in mine for label in region_labels(region))
@@ -114,7 +114,7 @@ def compare_task(task: dict[str, Any], spec: ProjectSpec, model_version: str | N
         control, values = region.get("from_name"), region_labels(region)
         if control in label_controls and values:
             mine = by_id.get((str(region.get("id")), control))
-            if mine is None and "x" not in (region.get("value") or {}):  # a whole-image choice: any region of it
+            if mine is None and not on_region(region):  # a whole-image choice: any region of it
                 mine = next((r for r in human if r.get("from_name") == control), None)
             answer = region_labels(mine)
             labels.append(LabelPair(task_id, control, str(region.get("id")), values[0],

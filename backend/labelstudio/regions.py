@@ -1,19 +1,35 @@
-"""Label Studio regions: percent (and rotated) boxes ⇄ pixel crops, and result JSON.
+"""Label Studio regions: the shapes a person draws ⇄ pixel crops, and result JSON.
 
-Label Studio stores a rectangle as ``x, y, width, height`` in percent of the image
-as displayed, rotated by ``rotation`` degrees clockwise about its top-left corner.
+Every region is read into a :class:`Box`, the rectangle that is cropped for the model,
+and keeps its own geometry so predictions attach to it unchanged:
+
+- rectangle: ``x, y, width, height`` in percent of the image as displayed, rotated by
+  ``rotation`` degrees clockwise about its top-left corner (the box is the rectangle);
+- polygon: ``points`` ``[[x, y], ...]`` in percent (the box is their extent);
+- ellipse: centre ``x, y`` and ``radiusX, radiusY`` in percent, rotated by ``rotation``
+  (the box is the rotated ellipse's extent);
+- keypoint: ``x, y`` in percent (the box is a square around it, ``KEYPOINT_CONTEXT`` of the
+  image's shorter side);
+- brush: a mask in Label Studio's RLE (``format: "rle"``, ``rle: [...]``) over
+  ``original_width x original_height`` pixels (the box is the painted pixels' extent).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
-_BOX_TYPES = {"rectanglelabels", "rectangle"}
+SHAPES = ("rectangle", "polygon", "ellipse", "keypoint", "brush")
+_SHAPE_TYPES = {*SHAPES, *(f"{shape}labels" for shape in SHAPES), "labels"}  # "labels": <Labels> on a shape tool
+_LABEL_KEYS = (*(f"{shape}labels" for shape in SHAPES), "labels", "choices", "taxonomy")
+KEYPOINT_CONTEXT = 0.1  # a keypoint's crop: this share of the image's shorter side, centred on the point
+MAX_MASK_PIXELS = 50_000_000  # a brush mask larger than this is not decoded (4 bytes a pixel)
+MAX_POINTS = 10_000
 MAX_PERCENT = 1000.0  # a box reaching ten image-widths away is not a region of this image
 MODEL_IMAGE_MAX_PIXELS = 2048 * 2048  # more than most processors take in; larger crops and images shrink to it
 
@@ -24,6 +40,8 @@ class RegionError(ValueError):
 
 @dataclass(frozen=True)
 class Box:
+    """A region as the rectangle cropped for the model, with the region's own geometry to write results on."""
+
     id: str
     from_name: str
     to_name: str
@@ -35,26 +53,57 @@ class Box:
     original_width: int | None = None
     original_height: int | None = None
     image_rotation: float = 0.0
+    shape: str = "rectangle"
+    geometry: dict[str, Any] | None = field(default=None, compare=False)  # the region's value without labels
+    item_index: int | None = None  # which image of a multi-image (<Image valueList>) task
 
-    def value(self) -> dict[str, float]:
+    def value(self) -> dict[str, Any]:
+        if self.geometry is not None:
+            return dict(self.geometry)
         return {"x": self.x, "y": self.y, "width": self.width, "height": self.height, "rotation": self.rotation}
 
 
+def region_shape(region: dict[str, Any]) -> str | None:
+    """Which shape a result region is ("rectangle", "polygon", ...), or None when it is not a drawn region."""
+    kind = str(region.get("type", ""))
+    if kind not in _SHAPE_TYPES:
+        return None
+    if kind != "labels":
+        return kind.removesuffix("labels")
+    value = region.get("value") if isinstance(region.get("value"), dict) else {}
+    if "rle" in value:
+        return "brush"
+    if "points" in value:
+        return "polygon"
+    if "radiusX" in value:
+        return "ellipse"
+    return "rectangle" if "height" in value else "keypoint"
+
+
+def on_region(result: dict[str, Any] | None) -> bool:
+    """Whether a result belongs to a drawn region (its value carries geometry), not to the whole image."""
+    value = (result or {}).get("value")
+    return isinstance(value, dict) and any(key in value for key in ("x", "points", "rle"))
+
+
 def box_from_region(region: dict[str, Any]) -> Box:
-    """Read a rectangle region of a result list; raise :class:`RegionError` if it is not a usable box."""
+    """Read a drawn region of a result list; raise :class:`RegionError` if it is not a usable one."""
     value = region.get("value")
     region_id = str(region.get("id") or "?")
+    shape = region_shape(region) or "rectangle"
     if not isinstance(value, dict):
-        raise RegionError(f"box {region_id} has no value object with x/y/width/height")
-    x, y, w, h = (_number(value.get(k), f"box {region_id} {k}") for k in ("x", "y", "width", "height"))
-    rotation = _number(value.get("rotation") or 0.0, f"box {region_id} rotation")
-    image_rotation = _number(region.get("image_rotation") or 0.0, f"box {region_id} image_rotation")
+        raise RegionError(f"{shape} {region_id} has no value object")
+    what = f"{shape} {region_id}"
+    width_px, height_px = _size(region.get("original_width")), _size(region.get("original_height"))
+    x, y, w, h, rotation = _EXTENTS[shape](value, what, width_px, height_px)
+    if shape == "rectangle":
+        rotation = _number(value.get("rotation") or 0.0, f"{what} rotation")
+    image_rotation = _number(region.get("image_rotation") or 0.0, f"{what} image_rotation")
     if w <= 0 or h <= 0:
-        raise RegionError(f"box {region_id} has zero or negative size ({w:g}% x {h:g}%)")
+        raise RegionError(f"{what} has zero or negative size ({w:g}% x {h:g}%)")
     if max(abs(x), abs(y), w, h) > MAX_PERCENT:
-        raise RegionError(
-            f"box {region_id} reaches {max(abs(x), abs(y), w, h):g}% of the image, past ±{MAX_PERCENT:g}%"
-        )
+        raise RegionError(f"{what} reaches {max(abs(x), abs(y), w, h):g}% of the image, past ±{MAX_PERCENT:g}%")
+    geometry = None if shape == "rectangle" else {k: v for k, v in value.items() if k not in _LABEL_KEYS}
     return Box(
         id=region_id,
         from_name=str(region.get("from_name", "")),
@@ -64,10 +113,93 @@ def box_from_region(region: dict[str, Any]) -> Box:
         width=w,
         height=h,
         rotation=rotation,
-        original_width=_size(region.get("original_width")),
-        original_height=_size(region.get("original_height")),
+        original_width=width_px,
+        original_height=height_px,
         image_rotation=image_rotation,
+        shape=shape,
+        geometry=geometry,
+        item_index=_index(region.get("item_index"), what),
     )
+
+
+Extent = tuple[float, float, float, float, float]  # x, y, width, height (percent), rotation
+
+
+def _rectangle_extent(value: dict, what: str, _w: int | None, _h: int | None) -> Extent:
+    x, y, w, h = (_number(value.get(k), f"{what} {k}") for k in ("x", "y", "width", "height"))
+    return x, y, w, h, 0.0
+
+
+def _polygon_extent(value: dict, what: str, _w: int | None, _h: int | None) -> Extent:
+    points = value.get("points")
+    if not isinstance(points, list) or not points or len(points) > MAX_POINTS:
+        raise RegionError(f"{what} needs points: a list of 1 to {MAX_POINTS} [x, y] pairs in percent")
+    if not all(isinstance(p, list) and len(p) == 2 for p in points):
+        raise RegionError(f"{what} has a point that is not an [x, y] pair")
+    xs = [_number(p[0], f"{what} point x") for p in points]
+    ys = [_number(p[1], f"{what} point y") for p in points]
+    return min(xs), min(ys), max(max(xs) - min(xs), 1e-3), max(max(ys) - min(ys), 1e-3), 0.0
+
+
+def _ellipse_extent(value: dict, what: str, width_px: int | None, height_px: int | None) -> Extent:
+    cx, cy, rx, ry = (_number(value.get(k), f"{what} {k}") for k in ("x", "y", "radiusX", "radiusY"))
+    theta = math.radians(_number(value.get("rotation") or 0.0, f"{what} rotation"))
+    # Rotation happens in pixels, so the radii are taken to pixels (by the image's aspect) and back.
+    aspect = (width_px / height_px) if width_px and height_px else 1.0
+    rx_px, ry_px = rx * aspect, ry  # in units of the image height's percent
+    half_x = math.hypot(rx_px * math.cos(theta), ry_px * math.sin(theta)) / aspect
+    half_y = math.hypot(rx_px * math.sin(theta), ry_px * math.cos(theta))
+    return cx - half_x, cy - half_y, 2 * half_x, 2 * half_y, 0.0
+
+
+def _keypoint_extent(value: dict, what: str, width_px: int | None, height_px: int | None) -> Extent:
+    x, y = (_number(value.get(k), f"{what} {k}") for k in ("x", "y"))
+    aspect = (width_px / height_px) if width_px and height_px else 1.0
+    side_x = 100 * KEYPOINT_CONTEXT * min(1.0, 1 / aspect)  # a square in pixels: the shorter side sets it
+    side_y = 100 * KEYPOINT_CONTEXT * min(1.0, aspect)
+    return x - side_x / 2, y - side_y / 2, side_x, side_y, 0.0
+
+
+def _brush_extent(value: dict, what: str, width_px: int | None, height_px: int | None) -> Extent:
+    if value.get("format", "rle") != "rle" or not isinstance(value.get("rle"), list):
+        raise RegionError(f"{what} has no mask: Label Studio brush regions carry format 'rle' and an rle list")
+    if not width_px or not height_px:
+        raise RegionError(f"{what} has no original_width/original_height, which its mask needs")
+    if width_px * height_px > MAX_MASK_PIXELS:
+        raise RegionError(f"{what} is a {width_px}x{height_px} mask, over {MAX_MASK_PIXELS} pixels")
+    alpha = decode_mask(value["rle"], width_px, height_px, what)
+    rows, cols = np.nonzero(alpha)
+    if rows.size == 0:
+        raise RegionError(f"{what} is an empty mask")
+    return (100 * cols.min() / width_px, 100 * rows.min() / height_px, 100 * (cols.max() + 1 - cols.min()) / width_px,
+            100 * (rows.max() + 1 - rows.min()) / height_px, 0.0)  # fmt: skip
+
+
+_EXTENTS = {"rectangle": _rectangle_extent, "polygon": _polygon_extent, "ellipse": _ellipse_extent,
+            "keypoint": _keypoint_extent, "brush": _brush_extent}  # fmt: skip
+
+
+def decode_mask(rle: list, width: int, height: int, what: str = "mask") -> np.ndarray:
+    """A Label Studio brush RLE → its painted-ness (the RGBA alpha channel), shape (height, width)."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in rle):
+        raise RegionError(f"{what} has an rle entry that is not a byte (0-255)")
+    try:
+        flat = decode_rle(rle)
+    except Exception as exc:  # a truncated or forged bit stream
+        raise RegionError(f"{what} has an unreadable rle ({type(exc).__name__})") from None
+    if flat.size != width * height * 4:
+        raise RegionError(f"{what} decodes to {flat.size} values, not {width}x{height}x4 (RGBA)")
+    return flat.reshape(height, width, 4)[:, :, 3]
+
+
+def _index(raw: object, what: str) -> int | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < 10_000:
+        raise RegionError(f"{what} has item_index {str(raw)[:20]}, not an image number from 0")
+    return raw
 
 
 def _number(raw: object, what: str) -> float:
@@ -90,9 +222,16 @@ def _size(raw: object) -> int | None:
     return raw
 
 
-def rectangle_regions(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rectangle regions among a result list (other result types are skipped)."""
-    return [r for r in results if isinstance(r, dict) and str(r.get("type")) in _BOX_TYPES]
+def drawn_regions(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The drawn regions among a result list, one per region id (a region's labels and shape can be two results)."""
+    regions: dict[str, dict[str, Any]] = {}
+    for result in results:
+        if not isinstance(result, dict) or region_shape(result) is None:
+            continue
+        key = str(result.get("id"))
+        if key not in regions or (not region_labels(regions[key]) and region_labels(result)):
+            regions[key] = result  # the entry with the person's label wins
+    return list(regions.values())
 
 
 def pixel_corners(box: Box, image_width: int, image_height: int) -> list[tuple[float, float]]:
@@ -168,10 +307,9 @@ def box_result(box: Box, control: str, to_name: str, result_type: str, payload: 
     if box.original_width and box.original_height:
         region["original_width"] = box.original_width
         region["original_height"] = box.original_height
+    if box.item_index is not None:
+        region["item_index"] = box.item_index
     return region
-
-
-_LABEL_KEYS = ("rectanglelabels", "labels", "choices", "polygonlabels", "keypointlabels")
 
 
 def region_labels(region: dict[str, Any] | None) -> tuple[str, ...]:
@@ -179,7 +317,8 @@ def region_labels(region: dict[str, Any] | None) -> tuple[str, ...]:
     value = (region or {}).get("value")
     if not isinstance(value, dict):
         return ()
-    return tuple(str(label) for key in _LABEL_KEYS if isinstance(value.get(key), list) for label in value[key])
+    labels = (label for key in _LABEL_KEYS if isinstance(value.get(key), list) for label in value[key])
+    return tuple(" / ".join(map(str, label)) if isinstance(label, list) else str(label) for label in labels)
 
 
 def box_label(region: dict[str, Any]) -> str | None:
@@ -188,12 +327,13 @@ def box_label(region: dict[str, Any]) -> str | None:
     return labels[0] if labels else None
 
 
-def choices_result(region_id: str, control: str, to_name: str, labels: list[str], score: float) -> dict:
-    return {
-        "id": region_id,
-        "from_name": control,
-        "to_name": to_name,
-        "type": "choices",
-        "value": {"choices": labels},
-        "score": score,
-    }
+def image_result(control: str, to_name: str, result_type: str, value: dict, score: float | None = None) -> dict:
+    """A prediction for a whole image (or a question object), not a region: the control's name is its id."""
+    result = {"id": control, "from_name": control, "to_name": to_name, "type": result_type, "value": value}
+    if score is not None:
+        result["score"] = score
+    return result
+
+
+def text_result(control: str, to_name: str, text: str, score: float | None) -> dict:
+    return image_result(control, to_name, "textarea", {"text": [text]}, score)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from backend.labelstudio.regions import region_labels
+from backend.labelstudio.regions import on_region, region_labels
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def review_outcomes(
     by_id = {(str(r.get("id")), r.get("from_name")): r for r in regions}
     by_control: dict[str, set[str]] = {}
     for region in regions:
-        if "x" not in region["value"]:
+        if not on_region(region):
             by_control.setdefault(str(region.get("from_name")), set()).update(region_labels(region))
     outcomes = []
     for label in predicted:

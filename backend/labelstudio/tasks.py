@@ -1,30 +1,30 @@
-"""Where the boxes a person drew arrive in a /predict request."""
+"""Where the regions a person drew arrive in a /predict request."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from backend.labelstudio.protocol import label_studio_id
-from backend.labelstudio.regions import rectangle_regions
+from backend.labelstudio.regions import drawn_regions
 
 
-def user_boxes(task: dict[str, Any], context: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The rectangle regions to label for this task.
+def user_regions(task: dict[str, Any], context: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The drawn regions (of any shape) to label for this task.
 
-    Interactive requests carry the box the user just drew in ``context["result"]``: only
+    Interactive requests carry the region the user just drew in ``context["result"]``: only
     those are labelled. Otherwise the boxes of the most recently updated draft or
     submitted (not cancelled) annotation are labelled — one person's set of boxes,
     so two annotators' copies of the same object do not become two predictions.
     """
     if context and isinstance(context.get("result"), list) and context["result"]:
-        return rectangle_regions(context["result"])
+        return drawn_regions(context["result"])
     sources = [d for d in _list(task.get("drafts")) if isinstance(d, dict)]
     sources += [a for a in _list(task.get("annotations")) if isinstance(a, dict) and not a.get("was_cancelled")]
     sources.sort(key=lambda s: str(s.get("updated_at") or s.get("created_at") or ""), reverse=True)
     for source in sources:
-        boxes = rectangle_regions(_list(source.get("result")))
-        if boxes:
-            return boxes
+        regions = drawn_regions(_list(source.get("result")))
+        if regions:
+            return regions
     return []
 
 

@@ -27,6 +27,14 @@ class EngineSlot:
         self.load_seconds: float | None = None
         self._lock = threading.Lock()
 
+    @classmethod
+    def holding(cls, engine: Engine, description: str) -> EngineSlot:
+        """A slot around an engine already built (no loader thread)."""
+        slot = cls(lambda: engine, description)
+        slot._engine, slot._started_at, slot.load_seconds = engine, time.monotonic(), 0.0
+        slot._ready.set()
+        return slot
+
     @property
     def state(self) -> str:
         if self._started_at is None:

@@ -227,6 +227,8 @@ def test_the_demo_project_is_listed_with_predictions_from_our_backend(client, st
         assert boxes and len(names) == len(boxes)
         right += [r["value"]["rectanglelabels"][0] == truth[r["id"]] for r in boxes]
     assert sum(right) / len(right) >= 0.8  # a newcomer sees right labels on the boxes
+    assert client.projects.get(project).model_version == version  # Label Studio pre-fills from our predictions
+    assert all(not task.annotations for task in client.tasks.list(project=project, fields="all"))  # none hides them
     [view] = [v.data for v in client.views.list(project=project) if v.data.get("title") == REVIEW_VIEW_TITLE]
     assert view["ordering"] == ["tasks:predictions_score"]
     assert "tasks:predictions_score" not in view["hiddenColumns"]["explore"]  # the column is shown
