@@ -74,6 +74,32 @@ def test_a_ground_truth_box_crops_its_own_shape(world):
     assert checked >= 10
 
 
+@pytest.mark.parametrize("kind", ["polygons", "ellipses", "keypoints", "masks"])
+def test_every_region_kind_draws_around_the_same_shape(world, kind):
+    """Each shape drawn as a polygon, ellipse, keypoint or mask sits where its box is: the extents agree."""
+    from backend.labelstudio.regions import pixel_corners
+
+    boxes = json.loads(world.projects["boxes"][1].read_text())
+    regions = json.loads(world.projects[kind][1].read_text())
+    for boxed, drawn, scene in zip(boxes, regions, world.scenes, strict=True):
+        pairs = zip(boxed["annotations"][0]["result"], drawn["annotations"][0]["result"], scene.shapes, strict=True)
+        for box_region, region, shape in pairs:
+            assert region["id"] == box_region["id"] and region["type"].endswith("labels")
+            size = np.array([scene.width, scene.height])
+            corners = np.array(pixel_corners(box_from_region(box_region), scene.width, scene.height)) / size * 100
+            (left, top), (right, bottom) = corners.min(axis=0), corners.max(axis=0)
+            got = box_from_region(region)
+            if kind in {"polygons", "masks"}:  # a traced outline or painted pixels: inside the object's box
+                assert left - 3 <= got.x and got.x + got.width <= right + 3, (kind, region["id"])
+                assert top - 3 <= got.y and got.y + got.height <= bottom + 3, (kind, region["id"])
+                assert got.width >= (right - left) / 3 and got.height >= (bottom - top) / 3
+            else:  # a keypoint on the object's centre; an ellipse around it
+                centre = (got.x + got.width / 2, got.y + got.height / 2)
+                assert centre == pytest.approx(((left + right) / 2, (top + bottom) / 2), abs=2), (kind, region["id"])
+            if kind == "ellipses" and shape.cls not in {"circle", "ellipse"}:  # around the object, not inside it
+                assert got.width >= right - left - 3 and got.height >= bottom - top - 3
+
+
 def test_the_backend_predicts_world_tasks_as_label_studio_sends_them(world, make_client):
     client, _ = make_client(CRITIC="off")
     for kind in ("boxes", "tags", "attributes"):

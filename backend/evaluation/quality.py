@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 from backend.annotate.suspicion import auroc, expected_calibration_error
-from backend.shapes.world import CLASSES, WORLD_VERSION, Shape, World, write_world
+from backend.labelstudio.regions import region_labels
+from backend.shapes.world import CLASSES, REGION_KINDS, WORLD_VERSION, Shape, World, write_world
 
 SCHEMA_VERSION = 1
 REPORT_SEED = 2500  # the report's default world: outside the shapes model's training seeds (0-999)
@@ -59,13 +60,14 @@ def _backend(model: str, state: Path, **env: str):
 
 
 def _as_label_studio_sends(world: World, kind: str) -> tuple[str, list[dict]]:
-    """The project's config and its tasks as /predict receives them: ids, data, and the person's boxes only."""
+    """The project's config and its tasks as /predict receives them: ids, data, and the person's regions only
+    (their geometry, without the true labels)."""
     config_path, tasks_path = world.projects[kind]
     tasks = []
     for number, task in enumerate(json.loads(tasks_path.read_text()), start=1):
-        boxes = [{**region, "value": {k: v for k, v in region["value"].items() if k != "rectanglelabels"},
-                  "type": "rectangle"}
-                 for region in task["annotations"][0]["result"] if region["type"] == "rectanglelabels"]  # fmt: skip
+        labelled = [r for r in task["annotations"][0]["result"] if r["type"].endswith("labels")]
+        boxes = [{**region, "value": {k: v for k, v in region["value"].items() if k != region["type"]},
+                  "type": region["type"].removesuffix("labels")} for region in labelled]  # fmt: skip
         annotations = [{"id": number, "result": boxes}] if boxes else []
         tasks.append({"id": number, "data": task["data"], "annotations": annotations})
     return config_path.read_text(), tasks
@@ -93,6 +95,20 @@ def _box_outcomes(world: World, run: _Run) -> list[list[tuple[float, bool]]]:
         regions = [r for r in prediction.get("result", []) if r.get("type") == "rectanglelabels"]
         tasks.append([(float(r["score"]), r["value"]["rectanglelabels"][0] == truth[r["id"]]) for r in regions])
     return tasks
+
+
+def region_accuracy(client, engine, world: World) -> dict[str, float | None]:
+    """Top-1 label accuracy on the regions a person drew, for each shape of region (the same objects each time)."""
+    accuracy = {}
+    for kind in REGION_KINDS:
+        config, sent = _as_label_studio_sends(world, kind)
+        run = _predict(client, engine, config, sent)
+        right = []
+        for scene, prediction in zip(world.scenes, run.predictions, strict=True):
+            truth = {shape.id: shape.cls for shape in scene.shapes}
+            right += [region_labels(r)[0] == truth[r["id"]] for r in prediction.get("result", [])]
+        accuracy[kind] = float(np.mean(right)) if right else None
+    return accuracy
 
 
 def _found_at(order: np.ndarray, wrong_per_task: np.ndarray, share: float) -> float:
@@ -312,6 +328,7 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = prin
     report["tokens_per_box"] = run.tokens / max(1, boxes)
     report.update(calibration(client, engine, world, config, sent, outcomes, task_scores))
     report["box_accuracy_prompt_edit"] = prompt_edit(engine, shapes)
+    report["region_accuracy"] = region_accuracy(client, engine, world)
     report.update(tags(client, engine, world, images, settings))
     report["downstream"] = downstream(shapes, run, settings, tasks)
     report["downstream_reviews_spent"] = REVIEW_SHARE
@@ -346,8 +363,9 @@ def _fmt(value: object) -> str:
 
 
 KEYS = (
-    "box_accuracy", "box_accuracy_prompt_edit", "task_auroc", "region_auroc", "task_auroc_confidence",
-    "critic_auroc_gain", "review_found_at_20", "review_found_at_20_random", "review_found_at_20_confidence",
+    "box_accuracy", "box_accuracy_prompt_edit", "region_accuracy", "task_auroc", "region_auroc",
+    "task_auroc_confidence", "critic_auroc_gain", "review_found_at_20", "review_found_at_20_random",
+    "review_found_at_20_confidence",
     "ece_raw", "ece_calibrated", "tag_micro_f1", "tag_macro_f1", "tag_candidate_recall", "tag_map",
     "tag_candidates_per_image", "calls_per_image", "tokens_per_box", "downstream",
 )  # fmt: skip

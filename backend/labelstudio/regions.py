@@ -171,8 +171,9 @@ def _brush_extent(value: dict, what: str, width_px: int | None, height_px: int |
     rows, cols = np.nonzero(alpha)
     if rows.size == 0:
         raise RegionError(f"{what} is an empty mask")
-    return (100 * cols.min() / width_px, 100 * rows.min() / height_px, 100 * (cols.max() + 1 - cols.min()) / width_px,
-            100 * (rows.max() + 1 - rows.min()) / height_px, 0.0)  # fmt: skip
+    left, top, right, bottom = int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
+    return (100 * left / width_px, 100 * top / height_px, 100 * (right - left) / width_px,
+            100 * (bottom - top) / height_px, 0.0)  # fmt: skip
 
 
 _EXTENTS = {"rectangle": _rectangle_extent, "polygon": _polygon_extent, "ellipse": _ellipse_extent,

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-WORLD_VERSION = "shapes-world-1"
+WORLD_VERSION = "shapes-world-2"  # 2: polygon, ellipse, keypoint and mask projects (the scenes are unchanged)
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "round": ("circle", "ellipse"),
@@ -251,21 +251,88 @@ def _pattern(shape: Shape, w: int, h: int) -> Image.Image:
     return Image.fromarray(tile.astype(np.uint8), "RGB")
 
 
+def _tile(shape: Shape, width: int, height: int) -> tuple[int, int, float, float]:
+    """The shape's drawing tile in pixels (w, h) and the image point (cx, cy) its centre lands on."""
+    w = max(2, round(shape.width / 100 * width))
+    h = max(2, round(shape.height / 100 * height))
+    cx, cy = _corners(shape, width, height).mean(axis=0)
+    return w, h, float(cx), float(cy)
+
+
 def _draw(image: Image.Image, shape: Shape) -> None:
-    w = max(2, round(shape.width / 100 * image.width))
-    h = max(2, round(shape.height / 100 * image.height))
+    w, h, cx, cy = _tile(shape, image.width, image.height)
     tile = _pattern(shape, w, h).convert("RGBA")
     tile.putalpha(_mask(shape.cls, w, h))
     if shape.rotation:
         tile = tile.rotate(-shape.rotation, resample=Image.Resampling.BICUBIC, expand=True)
-    corners = _corners(shape, image.width, image.height)
-    cx, cy = corners.mean(axis=0)
     image.paste(tile, (round(cx - tile.width / 2), round(cy - tile.height / 2)), tile)
+
+
+# --- the regions a person would draw around a shape, in every Label Studio shape ---------------------
+
+
+def _tile_polygon(cls: str, w: int, h: int) -> list[tuple[float, float]]:
+    if cls in {"circle", "ellipse"}:
+        return [(w / 2 + w / 2 * math.cos(a), h / 2 + h / 2 * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 24,
+                                                                                           endpoint=False)]  # fmt: skip
+    if cls in {"square", "rectangle"}:
+        return [(0, 0), (w, 0), (w, h), (0, h)]
+    if cls == "cross":
+        a, b = w / 3, 2 * w / 3
+        c, d = h / 3, 2 * h / 3
+        return [(a, 0), (b, 0), (b, c), (w, c), (w, d), (b, d), (b, h), (a, h), (a, d), (0, d), (0, c), (a, c)]
+    return _outline(cls, w, h) or []
+
+
+def polygon_value(shape: Shape, width: int, height: int) -> dict:
+    """The shape's outline as a Label Studio polygon (percent points), as a person would trace it."""
+    w, h, cx, cy = _tile(shape, width, height)
+    theta = math.radians(shape.rotation)
+    points = []
+    for u, v in _tile_polygon(shape.cls, w, h):
+        u, v = u - w / 2, v - h / 2
+        x, y = cx + u * math.cos(theta) - v * math.sin(theta), cy + u * math.sin(theta) + v * math.cos(theta)
+        points.append([round(x / width * 100, 3), round(y / height * 100, 3)])
+    return {"points": points, "closed": True}
+
+
+def ellipse_value(shape: Shape, width: int, height: int) -> dict:
+    """An ellipse around the shape (the shape's own ellipse for round ones), rotated with it."""
+    w, h, cx, cy = _tile(shape, width, height)
+    grow = 1.0 if shape.cls in {"circle", "ellipse"} else math.sqrt(2)  # an ellipse through a box's corners
+    return {"x": round(cx / width * 100, 3), "y": round(cy / height * 100, 3),
+            "radiusX": round(w / 2 * grow / width * 100, 3), "radiusY": round(h / 2 * grow / height * 100, 3),
+            "rotation": shape.rotation}  # fmt: skip
+
+
+def keypoint_value(shape: Shape, width: int, height: int) -> dict:
+    """The shape's centre, clicked."""
+    _, _, cx, cy = _tile(shape, width, height)
+    return {"x": round(cx / width * 100, 3), "y": round(cy / height * 100, 3), "width": 1.0}
+
+
+def mask_value(shape: Shape, width: int, height: int) -> dict:
+    """The shape's pixels painted with the brush, in Label Studio's RLE."""
+    from label_studio_sdk.converter.brush import encode_rle
+
+    w, h, cx, cy = _tile(shape, width, height)
+    tile = _mask(shape.cls, w, h)
+    if shape.rotation:
+        tile = tile.rotate(-shape.rotation, resample=Image.Resampling.BICUBIC, expand=True)
+    canvas = Image.new("L", (width, height), 0)
+    canvas.paste(tile, (round(cx - tile.width / 2), round(cy - tile.height / 2)), tile)
+    rgba = np.zeros((height, width, 4), dtype=np.uint8)
+    rgba[np.asarray(canvas) >= 128] = 255
+    return {"format": "rle", "rle": [int(b) for b in encode_rle(rgba.flatten())]}
 
 
 # --- Label Studio files ------------------------------------------------------------------------------
 
-KINDS = ("boxes", "boxes_fine", "tags", "boxes_and_tags", "image_class", "attributes")
+KINDS = ("boxes", "boxes_fine", "tags", "boxes_and_tags", "image_class", "attributes", "polygons", "ellipses",
+         "keypoints", "masks")  # fmt: skip
+# The region kinds: each shape drawn as that kind of Label Studio region, labelled with its class.
+REGION_KINDS = {"polygons": ("PolygonLabels", polygon_value), "ellipses": ("EllipseLabels", ellipse_value),
+                "keypoints": ("KeyPointLabels", keypoint_value), "masks": ("BrushLabels", mask_value)}  # fmt: skip
 
 
 def label_config(kind: str) -> str:
@@ -284,8 +351,11 @@ def label_config(kind: str) -> str:
         f'    <Choice value="yes"/>\n    <Choice value="no"/>\n  </Choices>\n'
         for name, hint in ATTRIBUTES.items()
     )
-    body = {"boxes": boxes, "boxes_fine": boxes + fine, "tags": tags, "boxes_and_tags": boxes + tags,
-            "image_class": largest, "attributes": attributes}[kind]  # fmt: skip
+    bodies = {"boxes": boxes, "boxes_fine": boxes + fine, "tags": tags, "boxes_and_tags": boxes + tags,
+              "image_class": largest, "attributes": attributes}  # fmt: skip
+    for region_kind, (tag, _) in REGION_KINDS.items():
+        bodies[region_kind] = f'  <{tag} name="label" toName="image">{labels}\n  </{tag}>\n'
+    body = bodies[kind]
     return f'<View>\n  <Image name="image" value="$image"/>\n{body}</View>\n'
 
 
@@ -303,6 +373,11 @@ def annotation(scene: Scene, kind: str) -> list[dict]:
         result.append(_choices("largest", [scene.largest]))
     if kind == "attributes":
         result += [_choices(name, ["yes" if present else "no"]) for name, present in scene.attributes.items()]
+    if kind in REGION_KINDS:
+        tag, value = REGION_KINDS[kind]
+        for shape in scene.shapes:
+            result.append({**_region(scene, shape, "label", tag.lower(), {tag.lower(): [shape.cls]}),
+                           "value": {**value(shape, scene.width, scene.height), tag.lower(): [shape.cls]}})  # fmt: skip
     return result
 
 
