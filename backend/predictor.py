@@ -1,6 +1,11 @@
-"""Label Studio tasks → predictions: images and crops in, batched model questions, result JSON out.
+"""Label Studio tasks → predictions: the control handlers' questions, batched, scored, and written once.
 
-One broken task never sinks the others: whatever fails (image, box, model) becomes
+For each chunk of tasks the predictor asks every handler (``backend.controls``) its questions
+in registry order, scores every predicted label (critic, fusion, calibration), and only then
+builds each task's results, in order, each with its final score. It owns nothing
+type-specific.
+
+One broken task never sinks the others: whatever fails (image, region, model) becomes
 an error entry for that task alone, which Label Studio logs and does not store, so
 the task is predicted again on the next retrieval.
 """
@@ -11,7 +16,6 @@ import hashlib
 import logging
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -20,41 +24,17 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from backend import deadline
-from backend.annotate.boxes import FineName, label_crops, name_crops, read_crops
-from backend.annotate.choice import Choice
 from backend.annotate.critic import judge
 from backend.annotate.mapping import LabelMapper
-from backend.annotate.suspicion import Signals, fuse
-from backend.annotate.tagging import Tags, TagSettings, classify_images, tag_images
-from backend.annotate.texts import write_texts
+from backend.annotate.suspicion import fuse
+from backend.controls.base import Asking, ControlHandler, Drawn, Output, Predicted, Question, TaskInput
 from backend.deadline import DeadlineExceeded
 from backend.labelstudio.auth import LabelStudioAuth
 from backend.labelstudio.client import LabelStudioSites
-from backend.labelstudio.config import (
-    BoxLabelTarget,
-    BoxTextTarget,
-    ImageChoiceTarget,
-    ImageField,
-    ImageTextTarget,
-    LabelSet,
-    ProjectSpec,
-    check_label_count,
-    parse_label_config,
-)
+from backend.labelstudio.config import ImageField, ProjectSpec, check_label_count, parse_label_config
 from backend.labelstudio.media import ImageLoader, MediaError
 from backend.labelstudio.protocol import TaskError, json_type, label_studio_id, project_id
-from backend.labelstudio.regions import (
-    MODEL_IMAGE_MAX_PIXELS,
-    Box,
-    RegionError,
-    box_from_region,
-    box_label,
-    box_result,
-    crop_box,
-    image_result,
-    shrink_to,
-    text_result,
-)
+from backend.labelstudio.regions import RegionError, box_from_region, box_label, crop_box
 from backend.labelstudio.review import PredictedLabel
 from backend.labelstudio.tasks import user_regions
 from backend.metrics import Metrics
@@ -73,84 +53,37 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-@dataclass
-class _Judged:
-    """A predicted label waiting for its suspicion score."""
+@dataclass(frozen=True)
+class _Scored:
+    """A predicted label with its estimated P(correct): ``raw`` from the fused signals, ``p_correct`` calibrated."""
 
-    image: Image.Image
-    label: str
-    signals: Signals
-    region: dict  # the result region whose score it sets (several tags share one region)
-    region_id: str
-    control: str
-    hints: dict[str, str] = field(default_factory=dict)
-    from_classifier: bool = False  # labelled by the trained classifier (cascade), not the MLLM
-    raw: float = 0.0
-    p_correct: float = 0.0
+    output: Output
+    predicted: Predicted
+    raw: float
+    p_correct: float
 
 
 @dataclass
 class _Outcome:
     task_id: Any
-    results: list[dict] = field(default_factory=list)
-    judged: list[_Judged] = field(default_factory=list)
-    confidences: list[float] = field(default_factory=list)  # decisions with no predicted label ("no tags")
-    box_labels: dict[str, str] = field(default_factory=dict)  # box id → label the model chose
+    outputs: list[Output] = field(default_factory=list)
     error: str | None = None
 
     def fail(self, reason: str) -> None:
         self.error = self.error or reason
 
-    def prediction(self, model_version: str) -> dict | list:
-        if self.error:
-            return {"model_version": model_version, "error": f"task {str(self.task_id)[:40]}: {self.error}"}
-        if not self.judged and not self.confidences and not self.results:
-            return []  # nothing to annotate yet: store nothing, so a later retrieval tries again
-        if self.judged:
-            score: float | None = math.prod(j.p_correct for j in self.judged)
-        else:
-            score = min(self.confidences) if self.confidences else None
-        return {"model_version": model_version, "score": score, "score_meaning": SCORE_MEANING, "result": self.results}
-
-
-@dataclass(frozen=True)
-class _BoxJob:
-    task: int
-    box: Box
-    user_label: str | None
-    crop: Image.Image
-    label_sets: dict[str, tuple[str, ...]]  # control → this task's labels for it
-
-
-@dataclass(frozen=True)
-class _ImageJob:
-    task: int
-    target: ImageChoiceTarget
-    image: Image.Image
-    labels: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class _TextJob:
-    task: int
-    target: ImageTextTarget
-    image: Image.Image
-    question: str | None
-
 
 @dataclass
 class _Prepared:
-    """One task's crops and images, ready for the model."""
+    """One task's questions for each handler, ready for the model."""
 
     task: int
-    box_jobs: list[_BoxJob] = field(default_factory=list)
-    image_jobs: list[_ImageJob] = field(default_factory=list)
-    text_jobs: list[_TextJob] = field(default_factory=list)
+    questions: list[tuple[ControlHandler, Question]] = field(default_factory=list)
 
     @property
     def pixels(self) -> int:
-        held = [job.crop for job in self.box_jobs] + [job.image for job in (*self.image_jobs, *self.text_jobs)]
-        return sum(image.width * image.height for image in {id(image): image for image in held}.values())
+        held = {id(question.image): question.image for _, question in self.questions}
+        return sum(image.width * image.height for image in held.values())
 
 
 @dataclass
@@ -158,16 +91,12 @@ class _Chunk:
     """Tasks annotated together: their questions are batched, their pixels held at once."""
 
     tasks: list[int] = field(default_factory=list)
-    box_jobs: list[_BoxJob] = field(default_factory=list)
-    image_jobs: list[_ImageJob] = field(default_factory=list)
-    text_jobs: list[_TextJob] = field(default_factory=list)
+    questions: list[tuple[ControlHandler, Question]] = field(default_factory=list)
     pixels: int = 0
 
     def add(self, prepared: _Prepared) -> None:
         self.tasks.append(prepared.task)
-        self.box_jobs += prepared.box_jobs
-        self.image_jobs += prepared.image_jobs
-        self.text_jobs += prepared.text_jobs
+        self.questions += prepared.questions
         self.pixels += prepared.pixels
 
 
@@ -258,6 +187,7 @@ class Predictor:
         site = self.sites.for_project(project)
         pid = project_id(project)
         outcomes = [_Outcome(task.get("id") if isinstance(task, dict) else None) for task in tasks]
+        predictions: list[dict | list] = [[] for _ in tasks]
         chunk = _Chunk()
         for index, task in enumerate(tasks):
             if deadline.remaining() == 0:
@@ -267,45 +197,57 @@ class Predictor:
             if prepared is None:
                 continue
             if chunk.tasks and chunk.pixels + prepared.pixels > self.settings.predict_max_pixels:
-                self._annotate_chunk(engine, spec, chunk, outcomes, pid)
+                self._annotate_chunk(engine, chunk, outcomes, predictions, pid)
                 chunk = _Chunk()
             chunk.add(prepared)
-        self._annotate_chunk(engine, spec, chunk, outcomes, pid)
+        self._annotate_chunk(engine, chunk, outcomes, predictions, pid)
         version = self.model_version()
-        predictions = [outcome.prediction(version) for outcome in outcomes]
+        for index, outcome in enumerate(outcomes):
+            if outcome.error:
+                predictions[index] = {"model_version": version, "error": f"task {str(outcome.task_id)[:40]}: "
+                                      f"{outcome.error}"}  # fmt: skip
+            elif predictions[index]:
+                predictions[index] = {"model_version": version, **predictions[index]}  # type: ignore[dict-item]
         self.metrics.predictions.inc(sum(1 for p in predictions if isinstance(p, dict) and "result" in p))
         return predictions
 
     def _annotate_chunk(
-        self, engine: Engine, spec: ProjectSpec, chunk: _Chunk, outcomes: list[_Outcome], project: int | None
+        self, engine: Engine, chunk: _Chunk, outcomes: list[_Outcome], predictions: list, project: int | None
     ) -> None:
         if not chunk.tasks:
             return
         started, tokens_before = time.perf_counter(), getattr(engine, "tokens_processed", 0)
+        scored: list[_Scored] = []
         try:
             deadline.check("predicting")
-            self._ask(engine, spec, chunk, outcomes, project)
+            self._ask(engine, chunk, outcomes, project)
+            scored = self._score(engine, [outcomes[index] for index in chunk.tasks], project)
         except DeadlineExceeded:
             for index in chunk.tasks:
                 self._fail(outcomes[index], "deadline", self._late_message())
+        for index in chunk.tasks:
+            if not outcomes[index].error:
+                predictions[index] = _prediction(outcomes[index], scored)
         seconds = time.perf_counter() - started
         self.metrics.model_seconds.observe(seconds)
         tokens = getattr(engine, "tokens_processed", 0) - tokens_before
-        self._remember(project, self.model_version(), [outcomes[i] for i in chunk.tasks], seconds, tokens)
+        self._remember(project, self.model_version(), [outcomes[i] for i in chunk.tasks], scored, seconds, tokens)
 
-    def _ask(
-        self, engine: Engine, spec: ProjectSpec, chunk: _Chunk, outcomes: list[_Outcome], project: int | None
-    ) -> None:
-        for target in spec.boxes:
-            mine = [j for j in chunk.box_jobs if _belongs(j.box, target)]
-            self._label_boxes(engine, target, mine, outcomes, project)
-        for text_target in spec.texts:
-            mine = [j for j in chunk.box_jobs if _belongs(j.box, text_target)]
-            self._name_boxes(engine, text_target, spec, mine, outcomes)
-        self._choose_for_images(engine, chunk.image_jobs, outcomes)
-        self._write_image_texts(engine, chunk.text_jobs, outcomes)
-        judged = [j for index in chunk.tasks if not outcomes[index].error for j in outcomes[index].judged]
-        self._score(engine, judged, project)
+    def _ask(self, engine: Engine, chunk: _Chunk, outcomes: list[_Outcome], project: int | None) -> None:
+        """Each handler's questions, batched across the chunk, in registry order (see ``backend.controls``)."""
+        asking = Asking(engine, self.prompts, self.settings, self.mapper,
+                        partial(self._classifier, project), on_cascade=self.metrics.cascade_skipped.inc)  # fmt: skip
+        for handler in dict.fromkeys(handler for handler, _ in chunk.questions):
+            questions = [q for h, q in chunk.questions if h is handler and not outcomes[q.task].error]
+            answers = run_isolated(partial(handler.answer, asking), questions)
+            for question, output in zip(questions, answers, strict=True):
+                if isinstance(output, Exception):
+                    self._model_failed(outcomes[question.task], output)
+                elif output is not None:
+                    outcomes[question.task].outputs.append(output)
+                    if output.region_label is not None and output.region is not None:
+                        asking.region_labels.setdefault((question.task, output.region.id), output.region_label)
+                    self.metrics.regions.labels(kind=_kind(output)).inc()
 
     def _late_message(self) -> str:
         return (
@@ -324,7 +266,7 @@ class Predictor:
         self, index: int, task: Any, spec: ProjectSpec, site: LabelStudioAuth | None, context: dict | None,
         outcome: _Outcome,
     ) -> _Prepared | None:  # fmt: skip
-        """The task's crops and images, or None after recording why it cannot be annotated."""
+        """The task's questions, or None after recording why it cannot be annotated."""
         try:
             if not isinstance(task, dict):
                 raise TaskError(f"the task is {json_type(task)}, not a JSON object")
@@ -355,244 +297,103 @@ class Predictor:
             return loaded[field_.name, item]
 
         images_by_name = {f.name: f for f in spec.images}
-        box_controls = {c for t in (*spec.boxes, *spec.texts) for c in t.box_controls}
-        label_sets = {t.control: self._labels_of(t.source, task) for t in spec.boxes if t.label_set is not None}
-        prepared = _Prepared(index)
+        drawn: list[Drawn] = []
         for region in user_regions(task, context):
             box = box_from_region(region)
-            if box.from_name not in box_controls or box.to_name not in images_by_name:
+            if box.from_name not in spec.region_controls or box.to_name not in images_by_name:
                 continue
             crop = crop_box(image(images_by_name[box.to_name], box.item_index), box, self.settings.box_padding,
                             self.settings.box_min_side)  # fmt: skip
-            prepared.box_jobs.append(_BoxJob(index, box, box_label(region), crop, label_sets))
-            self._check_held(prepared)
-        if not (context and context.get("result")):  # interactive requests label only the region just drawn
-            for target in spec.choices:
-                held = shrink_to(image(target.image), MODEL_IMAGE_MAX_PIXELS)
-                prepared.image_jobs.append(_ImageJob(index, target, held, self._labels_of(target.source, task)))
-                self._check_held(prepared)
-            for text_target in spec.image_texts:
-                held = shrink_to(image(text_target.image), MODEL_IMAGE_MAX_PIXELS)
-                question = _question(task, text_target.question) if text_target.question else None
-                prepared.text_jobs.append(_TextJob(index, text_target, held, question))
-                self._check_held(prepared)
+            drawn.append(Drawn(box, crop, box_label(region)))
+            self._check_held([d.crop for d in drawn])
+        interactive = bool(context and context.get("result"))  # label only the region just drawn
+        given = TaskInput(index, task, tuple(drawn), image, whole_image=not interactive)
+        prepared = _Prepared(index)
+        for handler in spec.handlers:
+            prepared.questions += [(handler, question) for question in handler.questions(given)]
+            self._check_held([d.crop for d in drawn] + [q.image for _, q in prepared.questions])
         return prepared
 
-    def _labels_of(self, source: LabelSet, task: dict) -> tuple[str, ...]:
-        labels = source.of(task)
-        if len(labels) > self.settings.max_labels:
-            raise TaskError(f"the task's data holds {len(labels)} labels under {source.data_key!r}, over "
-                            f"MAX_LABELS={self.settings.max_labels}")  # fmt: skip
-        return labels
-
-    def _check_held(self, prepared: _Prepared) -> None:
+    def _check_held(self, images: Sequence[Image.Image]) -> None:
         """Refuse a task as soon as what it holds for the model passes the request's budget (not after)."""
-        if prepared.pixels > self.settings.predict_max_pixels:
-            raise TaskError(f"this task's images and regions hold {prepared.pixels} pixels at once, over "
+        pixels = sum(i.width * i.height for i in {id(i): i for i in images}.values())
+        if pixels > self.settings.predict_max_pixels:
+            raise TaskError(f"this task's images and regions hold {pixels} pixels at once, over "
                             f"PREDICT_MAX_PIXELS={self.settings.predict_max_pixels}")  # fmt: skip
-
-    # --- model questions ----------------------------------------------------------------
-
-    def _label_boxes(
-        self, engine: Engine, target: BoxLabelTarget, jobs: list[_BoxJob], outcomes: list[_Outcome], project: int | None
-    ) -> None:
-        cascaded = self._cascade(target, jobs, project)
-        rest = [job for index, job in enumerate(jobs) if index not in cascaded]
-        questions = [(job.crop, job.label_sets.get(target.control, target.labels)) for job in rest]
-        asked = iter(run_isolated(partial(self._label_crops, engine), questions))
-        for index, job in enumerate(jobs):
-            answer = cascaded[index] if index in cascaded else next(asked)
-            if isinstance(answer, Exception):
-                self._model_failed(outcomes[job.task], answer)
-                continue
-            payload = target.source.payload(target.result_type, answer.label)
-            region = box_result(job.box, target.control, target.image.name, target.result_type, payload, None)
-            signals = Signals(annotator=answer.probability, margin=answer.margin, mapped=answer.mapped)
-            outcome = outcomes[job.task]
-            outcome.results.append(region)
-            outcome.judged.append(_Judged(job.crop, answer.label, signals, region, job.box.id, target.control,
-                                          from_classifier=index in cascaded))  # fmt: skip
-            outcome.box_labels.setdefault(job.box.id, answer.label)
-            self.metrics.regions.labels(kind="box").inc()
-
-    def _cascade(self, target: BoxLabelTarget, jobs: list[_BoxJob], project: int | None) -> dict[int, Choice]:
-        """With CASCADE=on, boxes the trained classifier is sure about skip the MLLM."""
-        if not self.settings.cascade or self.versions is None or project is None or not jobs:
-            return {}
-        classifier = self.versions.classifier(project, target.control)
-        if classifier is None or classifier.multi_label or tuple(classifier.labels) != tuple(target.labels):
-            return {}
-        sure = {}
-        for index, row in enumerate(classifier.predict_proba([job.crop for job in jobs])):
-            best = int(row.argmax())
-            if row[best] >= self.settings.cascade_threshold:
-                sure[index] = Choice(target.labels[best], float(row[best]), target.labels, tuple(float(p) for p in row))
-        self.metrics.cascade_skipped.inc(len(sure))
-        return sure
-
-    def _label_crops(self, engine: Engine, questions: list[tuple[Image.Image, tuple[str, ...]]]) -> list[Choice]:
-        """Each crop's label from its own label set (a set read from task data can differ between tasks)."""
-        answers: list[Choice | None] = [None] * len(questions)
-        for labels, indices in _group(range(len(questions)), lambda i: questions[i][1]).items():
-            crops = [questions[i][0] for i in indices]
-            for i, answer in zip(indices, label_crops(engine, self.prompts, crops, labels), strict=True):
-                answers[i] = answer
-        return [answer for answer in answers if answer is not None]
-
-    def _name_boxes(
-        self, engine: Engine, target: BoxTextTarget, spec: ProjectSpec, jobs: list[_BoxJob], outcomes: list[_Outcome]
-    ) -> None:
-        label_set = next((t.labels for t in spec.boxes if t.image == target.image), ())
-        labels = [outcomes[j.task].box_labels.get(j.box.id) or j.user_label or "object" for j in jobs]
-        ask = partial(self._read_crops if target.task == "read" else self._name_crops, engine, label_set)
-        for job, name in zip(jobs, run_isolated(ask, list(zip([j.crop for j in jobs], labels, strict=True))),
-                             strict=True):  # fmt: skip
-            if isinstance(name, Exception):
-                self._model_failed(outcomes[job.task], name)
-                continue
-            if not name.text:
-                continue  # the model said nothing: leave the text area to the person
-            region = box_result(job.box, target.control, target.image.name, "textarea", {"text": [name.text]},
-                                name.confidence)  # fmt: skip
-            outcomes[job.task].results.append(region)
-            if name.category is not None and name.category.label is not None:  # the name checks the box's label
-                for item in outcomes[job.task].judged:
-                    if item.region_id == job.box.id:
-                        item.signals = replace(item.signals, name_agrees=name.category.label == item.label)
-            self.metrics.regions.labels(kind="text").inc()
-
-    def _name_crops(
-        self, engine: Engine, label_set: Sequence[str], items: list[tuple[Image.Image, str]]
-    ) -> list[FineName]:
-        crops, labels = [crop for crop, _ in items], [label for _, label in items]
-        return name_crops(engine, self.prompts, crops, labels, label_set, self.mapper)
-
-    def _read_crops(self, engine: Engine, _labels: Sequence[str], items: list[tuple[Image.Image, str]]) -> list:
-        return read_crops(engine, self.prompts, [crop for crop, _ in items])
-
-    def _write_image_texts(self, engine: Engine, jobs: list[_TextJob], outcomes: list[_Outcome]) -> None:
-        """Captions and answers to questions about whole images, with their token-probability confidence."""
-        for target, group in _group(jobs, lambda job: job.target).items():
-            items = [(job.image, job.question) for job in group]
-            for job, text in zip(group, run_isolated(partial(write_texts, engine, self.prompts), items), strict=True):
-                if isinstance(text, Exception):
-                    self._model_failed(outcomes[job.task], text)
-                    continue
-                if not text.text:
-                    continue
-                region = text_result(target.control, target.to_name, text.text, text.confidence)
-                outcomes[job.task].results.append(region)
-                if text.confidence is not None:
-                    outcomes[job.task].confidences.append(text.confidence)
-                self.metrics.regions.labels(kind="text").inc()
-
-    def _choose_for_images(self, engine: Engine, jobs: list[_ImageJob], outcomes: list[_Outcome]) -> None:
-        for (target, labels), group in _group(jobs, lambda job: (job.target, job.labels)).items():
-            ask = partial(self._answer_images, engine, target, labels)
-            for job, answer in zip(group, run_isolated(ask, [job.image for job in group]), strict=True):
-                if isinstance(answer, Exception):
-                    self._model_failed(outcomes[job.task], answer)
-                    continue
-                self._add_image_answer(outcomes[job.task], target, job.image, answer)
-                self.metrics.regions.labels(kind="image").inc()
-
-    @staticmethod
-    def _add_image_answer(outcome: _Outcome, target: ImageChoiceTarget, image: Image.Image, answer: Choice | Tags):
-        hints = dict(target.hints)
-        if isinstance(answer, Tags):
-            if not answer.labels:  # "none of these" was predicted: no label to judge, but a decision to rank
-                outcome.confidences.append(answer.confidence)
-                return
-            region = image_result(target.control, target.image.name, "choices", {"choices": list(answer.labels)})
-            for tag in answer.labels:
-                signals = Signals(annotator=answer.presence[tag])
-                outcome.judged.append(_Judged(image, tag, signals, region, target.control, target.control, hints))
-        else:
-            result_type = "taxonomy" if target.source.paths else "choices"
-            payload = target.source.payload(result_type, answer.label)
-            region = image_result(target.control, target.image.name, result_type, payload)
-            signals = Signals(annotator=answer.probability, margin=answer.margin, mapped=answer.mapped)
-            outcome.judged.append(_Judged(image, answer.label, signals, region, target.control, target.control, hints))
-        outcome.results.append(region)
-
-    def _answer_images(
-        self, engine: Engine, target: ImageChoiceTarget, labels: tuple[str, ...], images: list[Image.Image]
-    ) -> list[Choice] | list[Tags]:
-        if not target.multiple:
-            return classify_images(engine, self.prompts, images, labels)
-        s = self.settings
-        tag_settings = TagSettings(
-            threshold=target.threshold if target.threshold is not None else s.tag_threshold,
-            candidate_threshold=(
-                target.candidate_threshold if target.candidate_threshold is not None else s.tag_candidate_threshold
-            ),
-            group_size=target.group_size or s.tag_group_size,
-        )
-        return tag_images(engine, self.prompts, images, labels, tag_settings, dict(target.hints), dict(target.groups))
 
     # --- suspicion ---------------------------------------------------------------------
 
-    def _score(self, engine: Engine, judged: list[_Judged], project: int | None) -> None:
-        """Critic pass, fusion, calibration: each judged label's P(correct) and its region's score."""
+    def _score(self, engine: Engine, outcomes: list[_Outcome], project: int | None) -> list[_Scored]:
+        """Every predicted label's P(correct): its signals (plus the critic, the project's classifier and what
+        other outputs say of its region), fused, then calibrated on the project's review outcomes."""
+        judged = [(o, p) for outcome in outcomes if not outcome.error for o in outcome.outputs for p in o.predicted]
+        opinions = {(o.question.task, o.result_id): o.opinion for outcome in outcomes for o in outcome.outputs
+                    if o.opinion is not None and o.region is not None}  # fmt: skip
         verdicts = self._critic(engine, judged)
         agreement = self._classifier_agreement(judged, project)
         calibrator = self.reviews.calibrator(project) if self.reviews is not None else None
-        for item, verdict, classifier in zip(judged, verdicts, agreement, strict=True):
-            signals = replace(item.signals, critic=verdict, classifier=classifier)
-            item.raw = fuse(signals)
-            item.p_correct = calibrator(item.raw) if calibrator is not None else item.raw
-        regions: dict[int, list[_Judged]] = defaultdict(list)
-        for item in judged:
-            regions[id(item.region)].append(item)
-        for items in regions.values():  # several tags share a region: P(all of them correct)
-            items[0].region["score"] = math.prod(item.p_correct for item in items)
+        scored = []
+        for (output, predicted), verdict, classifier in zip(judged, verdicts, agreement, strict=True):
+            opinion = opinions.get((output.question.task, output.result_id))
+            signals = replace(predicted.signals, critic=verdict, classifier=classifier,
+                              name_agrees=None if opinion is None else opinion == predicted.label)  # fmt: skip
+            raw = fuse(signals)
+            p_correct = calibrator(raw) if calibrator is not None else raw
+            scored.append(_Scored(output, replace(predicted, signals=signals), raw, p_correct))
+        return scored
 
-    def _critic(self, engine: Engine, judged: list[_Judged]) -> list[float | None]:
+    def _critic(self, engine: Engine, judged: list[tuple[Output, Predicted]]) -> list[float | None]:
         if not self.settings.critic or not judged:
             return [None] * len(judged)
         try:
             critic = self.critic_slot.get(self.settings.predict_wait_seconds) if self.critic_slot else engine
-            hints = {label: hint for item in judged for label, hint in item.hints.items()}
-            verdicts = judge(critic, self.prompts, [j.image for j in judged], [j.label for j in judged], hints)
+            hints = {label: hint for output, _ in judged for label, hint in output.hints.items()}
+            images = [output.question.image for output, _ in judged]
+            verdicts = judge(critic, self.prompts, images, [p.label for _, p in judged], hints)
         except Exception as exc:  # the critic is advice: without it, scores fall back to the other signals
             log.warning("critic pass failed (%s); scoring without it", _describe(exc))
             self.metrics.task_errors.labels(reason="critic").inc()
             return [None] * len(judged)
         return [float(v) for v in verdicts]
 
-    def _classifier_agreement(self, judged: list[_Judged], project: int | None) -> list[float | None]:
+    def _classifier(self, project: int | None, control: str):
+        """The project's trained classifier for ``control``, if there is one."""
+        if self.versions is None or project is None:
+            return None
+        return self.versions.classifier(project, control)
+
+    def _classifier_agreement(self, judged: list[tuple[Output, Predicted]], project: int | None) -> list[float | None]:
         """The project's trained classifier's probability for each label (confident learning's self-confidence)."""
         agreement: list[float | None] = [None] * len(judged)
-        if self.versions is None or project is None:
-            return agreement
-        own_labels = [
-            (index, item) for index, item in enumerate(judged) if not item.from_classifier
-        ]  # no self-agreement
-        for control, items in _group(own_labels, lambda pair: pair[1].control).items():
+        own = [(i, output, p) for i, (output, p) in enumerate(judged) if not p.from_classifier]  # no self-agreement
+        for control, items in _group(own, lambda item: item[1].control).items():
             try:
-                classifier = self.versions.classifier(project, control)
+                classifier = self._classifier(project, control)
                 if classifier is None:
                     continue
-                probabilities = classifier.predict_proba([item.image for _, item in items])
+                probabilities = classifier.predict_proba([output.question.image for _, output, _ in items])
             except Exception as exc:  # a broken classifier must not stop predictions
                 log.warning("classifier for project %s/%s failed (%s)", project, control, _describe(exc))
                 continue
-            for (index, item), row in zip(items, probabilities, strict=True):
-                if item.label in classifier.labels:
-                    agreement[index] = float(row[classifier.labels.index(item.label)])
+            for (index, _, predicted), row in zip(items, probabilities, strict=True):
+                if predicted.label in classifier.labels:
+                    agreement[index] = float(row[classifier.labels.index(predicted.label)])
         return agreement
 
     def _remember(
-        self, project: int | None, version: str, outcomes: list[_Outcome], seconds: float, tokens: int
-    ) -> None:
+        self, project: int | None, version: str, outcomes: list[_Outcome], scored: list[_Scored], seconds: float,
+        tokens: int,
+    ) -> None:  # fmt: skip
         """Keep each predicted label's raw score (to learn from review) and each task's model usage (for cost)."""
-        done = [o for o in outcomes if not o.error and isinstance(o.task_id, int) and (o.judged or o.results)]
+        done = [o for o in outcomes if not o.error and isinstance(o.task_id, int) and o.outputs]
         if project is None or not done or self.reviews is None:
             return
-        judged = [(o, j) for o in done for j in o.judged]
-        labels = [PredictedLabel(int(o.task_id), j.region_id, j.control, j.label, j.raw) for o, j in judged]
-        self.reviews.record_predictions(project, version, labels, [j.signals.annotator for _, j in judged])
-        usage = [(int(o.task_id), seconds / len(done), 1, len(o.box_labels), tokens // len(done)) for o in done]
+        task_of = {id(output): int(o.task_id) for o in done for output in o.outputs}
+        mine = [s for s in scored if id(s.output) in task_of]
+        labels = [PredictedLabel(task_of[id(s.output)], s.output.result_id, s.output.control, s.predicted.label, s.raw)
+                  for s in mine]  # fmt: skip
+        self.reviews.record_predictions(project, version, labels, [s.predicted.signals.annotator for s in mine])
+        usage = [(int(o.task_id), seconds / len(done), 1, _regions_labelled(o), tokens // len(done)) for o in done]
         self.reviews.record_usage(project, version, usage)
 
     def _model_failed(self, outcome: _Outcome, exc: Exception) -> None:
@@ -601,27 +402,50 @@ class Predictor:
         self.metrics.task_errors.labels(reason="model").inc()
 
 
-def _belongs(box: Box, target: BoxLabelTarget | BoxTextTarget) -> bool:
-    return box.from_name in target.box_controls and box.to_name == target.image.name
+def _prediction(outcome: _Outcome, scored: list[_Scored]) -> dict | list:
+    """The task's results, each built once with its final score, and the task's score.
+
+    A result's score is P(all its labels are correct) (its own confidence for text); the
+    task's is P(every label in the task is correct), or, with no label predicted, the lowest
+    confidence of the decisions that rank it.
+    """
+    mine = {id(o): [s for s in scored if s.output is o] for o in outcome.outputs}
+    results, task_labels = [], []
+    for output in outcome.outputs:
+        labels = mine[id(output)]
+        task_labels += labels
+        if output.value is not None:
+            score = math.prod(s.p_correct for s in labels) if labels else output.confidence
+            results.append(output.result(score))
+    if task_labels:
+        task_score: float | None = math.prod(s.p_correct for s in task_labels)
+    else:
+        ranking = [o.confidence for o in outcome.outputs if o.ranks_task and o.confidence is not None]
+        if not ranking and not results:
+            return []  # nothing to annotate yet: store nothing, so a later retrieval tries again
+        task_score = min(ranking) if ranking else None
+    return {"score": task_score, "score_meaning": SCORE_MEANING, "result": results}
+
+
+def _regions_labelled(outcome: _Outcome) -> int:
+    return len({o.result_id for o in outcome.outputs if o.region is not None and o.region_label is not None})
+
+
+def _kind(output: Output) -> str:
+    if output.result_type == "textarea":
+        return "text"
+    return "box" if output.region is not None else "image"
 
 
 def _group(items: Sequence[T], key: Callable[[T], Any]) -> dict[Any, list[T]]:
-    groups: dict[Any, list[T]] = defaultdict(list)
+    groups: dict[Any, list[T]] = {}
     for item in items:
-        groups[key(item)].append(item)
+        groups.setdefault(key(item), []).append(item)
     return groups
 
 
 def _describe(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
-
-
-def _question(task: dict, key: str) -> str:
-    data = task.get("data") if isinstance(task.get("data"), dict) else {}
-    question = data.get(key)
-    if not isinstance(question, str) or not question.strip():
-        raise TaskError(f"task data has no question text under {key!r}")
-    return question.strip()[:2000]
 
 
 def _reason(exc: Exception) -> str:

@@ -17,15 +17,15 @@ def test_rectangle_labels_and_whole_image_choices():
       <Choices name="tags" toName="image" choice="multiple"><Choice value="Indoor"/><Choice value="猫"/></Choices>
       <Choices name="scene" toName="image"><Choice value="Day"/><Choice value="Night"/></Choices>
     </View>""")
-    [box] = spec.boxes
-    assert (box.control, box.labels, box.result_type, box.box_controls) == (
+    [box] = spec.region_labels
+    assert (box.control, box.labels, box.result_type, box.region_controls) == (
         "label",
         ("Cat", "Dog, big"),
         "rectanglelabels",
         ("label",),
     )
     assert box.image.url({"data": {"image": "/data/upload/x.png"}}) == "/data/upload/x.png"
-    assert [(c.control, c.multiple, c.labels) for c in spec.choices] == [
+    assert [(c.control, c.multiple, c.labels) for c in spec.image_choices] == [
         ("tags", True, ("Indoor", "猫")),
         ("scene", False, ("Day", "Night")),
     ]
@@ -37,9 +37,9 @@ def test_rectangle_with_per_region_choices_labels_the_rectangles():
       <Rectangle name="box" toName="img"/>
       <Choices name="species" toName="img" perRegion="true"><Choice value="A"/><Choice value="B"/></Choices>
     </View>""")
-    [target] = spec.boxes
-    assert (target.control, target.result_type, target.box_controls) == ("species", "choices", ("box",))
-    assert spec.choices == ()
+    [target] = spec.region_labels
+    assert (target.control, target.result_type, target.region_controls) == ("species", "choices", ("box",))
+    assert spec.image_choices == ()
 
 
 @pytest.mark.parametrize(
@@ -67,10 +67,10 @@ def test_missing_image_field_in_a_task_is_named():
         '<View><Image name="i" value="$photo"/><Choices name="c" toName="i"><Choice value="a"/></Choices></View>'
     )
     with pytest.raises(TaskError, match="photo"):
-        spec.choices[0].image.url({"data": {"image": "x"}})
+        spec.image_choices[0].image.url({"data": {"image": "x"}})
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.xml")), ids=lambda p: p.name)
 def test_shipped_configs_are_served(path):
     spec = parse_label_config(path.read_text())
-    assert spec.boxes or spec.choices
+    assert spec.region_labels or spec.image_choices

@@ -23,10 +23,10 @@ def _check_prediction(prediction: dict, task: dict, label_config: str, model_ver
     assert prediction["model_version"] == model_version
     assert isinstance(prediction["score"], float) and 0.0 <= prediction["score"] <= 1.0
     spec = parse_label_config(label_config)
-    controls = {t.control: t for t in (*spec.boxes, *spec.choices)}
+    controls = {t.control: t for t in (*spec.region_labels, *spec.image_choices)}
     if not prediction["result"]:
         # only a multiple-choice control may legitimately predict "no tags" for an unboxed task
-        assert any(t.multiple for t in spec.choices), f"task {task['id']} got an empty result"
+        assert any(t.multiple for t in spec.image_choices), f"task {task['id']} got an empty result"
         return
     for region in prediction["result"]:
         assert region.keys() >= REGION_KEYS

@@ -17,7 +17,7 @@ from backend.settings import PACKAGE_PROMPTS
 from tests.conftest import noise_image
 
 ROOT = Path(__file__).resolve().parents[1]
-COCO = parse_label_config((ROOT / "label_config" / "image_tags_coco.xml").read_text()).choices[0]
+COCO = parse_label_config((ROOT / "label_config" / "image_tags_coco.xml").read_text()).image_choices[0]
 
 
 class CountingEngine:
@@ -96,7 +96,7 @@ def test_per_control_settings_come_from_the_label_config():
         'mllmCandidateThreshold="0.2" mllmGroupSize="5"><Choice value="a" hint="letter a" group="g"/>'
         '<Choice value="b"/></Choices></View>'
     )
-    [target] = spec.choices
+    [target] = spec.image_choices
     assert (target.threshold, target.candidate_threshold, target.group_size) == (0.7, 0.2, 5)
     assert dict(target.hints) == {"a": "letter a"} and dict(target.groups) == {"a": "g"}
     with pytest.raises(UnsupportedConfig, match='mllmThreshold="2"'):

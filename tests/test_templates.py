@@ -83,7 +83,7 @@ def drawn_task(config: str, task_id: int = 1) -> dict:
 @pytest.mark.parametrize("name", SERVED)
 def test_each_image_template_connects(name):
     spec = parse_label_config(template(name))
-    assert spec.boxes or spec.choices or spec.image_texts
+    assert spec.region_labels or spec.image_choices or spec.image_texts
 
 
 def test_a_pdf_template_is_refused_with_what_it_found():
@@ -173,13 +173,13 @@ def test_each_image_template_predicts_what_a_person_drew(client, name):
     spec = parse_label_config(config)
     for region in drawn:  # every drawn region keeps its id and geometry and gets a label from each of its controls
         mine = [r for r in results if r["id"] == region["id"]]
-        label_controls = [t for t in spec.boxes if region["from_name"] in t.box_controls]
+        label_controls = [t for t in spec.region_labels if region["from_name"] in t.region_controls]
         assert len([r for r in mine if r["type"] != "textarea"]) == len(label_controls), (region, results)
         for result in mine:
             geometry = {k: v for k, v in result["value"].items() if k not in {result["type"], "text"}}
             assert geometry == {k: v for k, v in region["value"].items() if not k.endswith("labels")}
             assert result.get("item_index") == region.get("item_index")
-    for target in spec.choices:
+    for target in spec.image_choices:
         [result] = [r for r in results if r["from_name"] == target.control]
         assert set(result["value"]["choices"]) <= set(target.labels)
     for text in spec.image_texts:

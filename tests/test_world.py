@@ -49,8 +49,8 @@ def test_the_world_has_what_measuring_needs(world):
 def test_every_project_kind_is_one_the_backend_serves(world):
     for kind in KINDS:
         spec = parse_label_config(world.projects[kind][0].read_text())
-        assert spec.boxes or spec.choices, kind
-    tags = parse_label_config(world.projects["tags"][0].read_text()).choices[0]
+        assert spec.region_labels or spec.image_choices, kind
+    tags = parse_label_config(world.projects["tags"][0].read_text()).image_choices[0]
     assert tags.multiple and len(dict(tags.groups)) == len(CLASSES) and len(dict(tags.hints)) == len(CLASSES)
 
 

@@ -189,7 +189,7 @@ def tags(client, engine, world: World, images: list, settings) -> dict:
                                                      if r["from_name"] == "tags"), [])), frozenset(t), p.get("score"))
              for number, (p, t) in enumerate(zip(run.predictions, truth, strict=True), start=1)]  # fmt: skip
     measured = tag_metrics(pairs, CLASSES)
-    target = parse_label_config(config).choices[0]
+    target = parse_label_config(config).image_choices[0]
     found = tag_images(engine, PromptBook(settings.prompts_dir), images, list(target.labels),
                        TagSettings(settings.tag_threshold, settings.tag_candidate_threshold, settings.tag_group_size),
                        dict(target.hints), dict(target.groups))  # fmt: skip

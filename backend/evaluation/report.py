@@ -76,7 +76,7 @@ def evaluate(
         target.control: metrics.tag_metrics(
             [t for c in comparisons for t in c.tags if t.control == target.control], target.labels
         )  # fmt: skip
-        for target in spec.choices
+        for target in spec.image_choices
         if target.multiple
     }
     report["fine_names"] = metrics.text_agreement([t for c in comparisons for t in c.texts])

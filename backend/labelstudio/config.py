@@ -1,25 +1,32 @@
-"""Label config → what this backend annotates: which image, which control, which labels."""
+"""Label config → what this backend annotates: one handler (``backend.controls``) per served control.
+
+This module holds what the handlers share of Label Studio's config language: images and where
+their URLs live, label sets (written, read from the task, or a taxonomy's paths), the
+namespaced ``mllm*`` attributes, and :class:`ConfigView`, the config as handlers read it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import TYPE_CHECKING, Any
 from xml.etree import ElementTree
 
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.labelstudio.protocol import TaskError, json_type
 
+if TYPE_CHECKING:
+    from backend.controls.base import ControlHandler
+
 SUPPORTED = (
     "regions a person draws on an <Image> (<RectangleLabels>, <PolygonLabels>, <EllipseLabels>, <KeyPointLabels>, "
     "<BrushLabels>, or a shape tool with <Labels>, per-region <Choices>, <Taxonomy> or <TextArea>), "
     "and for a whole <Image> <Choices>, <Taxonomy>, a <TextArea> (caption) or a <TextArea> on a <Text> question"
 )
-_SHAPE_TOOLS = {"Rectangle", "Polygon", "Ellipse", "KeyPoint", "Brush"}
-_LABELLED_SHAPES = {f"{tool}Labels" for tool in _SHAPE_TOOLS}
-_REGION_TAGS = _SHAPE_TOOLS | _LABELLED_SHAPES | {"Labels"}  # controls whose results are drawn regions
-_LABEL_TAGS = {"Choices", "Taxonomy", "Labels", *_LABELLED_SHAPES}  # controls that need a label set
+SHAPE_TOOLS = frozenset({"Rectangle", "Polygon", "Ellipse", "KeyPoint", "Brush"})
+LABELLED_SHAPES = frozenset(f"{tool}Labels" for tool in SHAPE_TOOLS)
+_REGION_TAGS = SHAPE_TOOLS | LABELLED_SHAPES | {"Labels"}  # controls whose results are drawn regions
 # Per-region text areas read text (OCR) when their name or placeholder says so; otherwise they name the object.
 _READING_WORDS = ("transcri", "ocr", "recogni", "read", "text")
 TEXT_TASK_ATTR = "mllmTask"  # on a <TextArea>: "name", "read", "caption" or "answer", when the guess is wrong
@@ -87,6 +94,11 @@ class LabelSet:
             raise TaskError(f"task data under {self.data_key!r} holds no labels like [{{'value': 'Cat'}}]")
         return tuple(dict.fromkeys(labels))
 
+    @property
+    def dynamic(self) -> LabelSet | None:
+        """Itself when it is more than the config's written labels (read from the task, or a taxonomy), else None."""
+        return self if self.data_key or self.paths else None
+
     def payload(self, result_type: str, label: str) -> dict:
         """The result value's label part: ``{"rectanglelabels": [label]}``, or a path for a taxonomy."""
         if self.paths:
@@ -95,84 +107,50 @@ class LabelSet:
 
 
 @dataclass(frozen=True)
-class BoxLabelTarget:
-    """Label each region drawn with one of ``box_controls`` using ``control``'s labels."""
-
-    control: str
-    image: ImageField
-    labels: tuple[str, ...]
-    result_type: str  # "rectanglelabels", "polygonlabels", ..., "labels", "choices" or "taxonomy"
-    box_controls: tuple[str, ...]
-    label_set: LabelSet | None = None  # None: ``labels``, written in the config
-
-    @property
-    def source(self) -> LabelSet:
-        return self.label_set or LabelSet(self.labels)
-
-
-@dataclass(frozen=True)
-class ImageChoiceTarget:
-    """Choose one (or, with ``multiple``, several) of ``labels`` for the whole image."""
-
-    control: str
-    image: ImageField
-    labels: tuple[str, ...]
-    multiple: bool
-    label_set: LabelSet | None = None  # None: ``labels``, written in the config
-    hints: tuple[tuple[str, str], ...] = ()  # (label, definition) from <Choice hint="..."> or alias
-    groups: tuple[tuple[str, str], ...] = ()  # (label, group) from <Choice group="...">
-    threshold: float | None = None
-    candidate_threshold: float | None = None
-    group_size: int | None = None
-
-    @property
-    def source(self) -> LabelSet:
-        return self.label_set or LabelSet(self.labels)
-
-
-@dataclass(frozen=True)
-class BoxTextTarget:
-    """Write text into ``control`` for each region drawn with ``box_controls``: a fine-grained name of the object
-    (``task="name"``) or the text written in the region (``task="read"``, OCR)."""
-
-    control: str
-    image: ImageField
-    box_controls: tuple[str, ...]
-    task: Literal["name", "read"] = "name"
-
-
-@dataclass(frozen=True)
-class ImageTextTarget:
-    """Write text into ``control`` about a whole image: a caption, or the answer to the question in task data
-    under ``question`` (a <TextArea> on a <Text> object)."""
-
-    control: str
-    image: ImageField
-    to_name: str  # the <Image>, or the <Text> object holding the question
-    question: str | None = None  # the <Text> object's data key
-
-
-@dataclass(frozen=True)
 class ProjectSpec:
-    boxes: tuple[BoxLabelTarget, ...]
-    choices: tuple[ImageChoiceTarget, ...]
+    """The handlers of a label config's served controls, in the order they are asked."""
+
+    handlers: tuple[ControlHandler, ...]
     ignored: tuple[str, ...]  # controls present but not annotated by this backend, for logs
-    texts: tuple[BoxTextTarget, ...] = ()
-    image_texts: tuple[ImageTextTarget, ...] = ()
+
+    def _of(self, kind: str) -> tuple[Any, ...]:
+        return tuple(h for h in self.handlers if type(h).__name__ == kind)
+
+    @property
+    def region_labels(self) -> tuple[Any, ...]:
+        return self._of("RegionLabels")
+
+    @property
+    def region_texts(self) -> tuple[Any, ...]:
+        return self._of("RegionText")
+
+    @property
+    def image_choices(self) -> tuple[Any, ...]:
+        return self._of("ImageChoices")
+
+    @property
+    def image_texts(self) -> tuple[Any, ...]:
+        return self._of("ImageText")
 
     @property
     def images(self) -> tuple[ImageField, ...]:
         seen: dict[str, ImageField] = {}
-        for target in (*self.boxes, *self.choices, *self.texts, *self.image_texts):
-            seen.setdefault(target.image.name, target.image)
+        for handler in self.handlers:
+            seen.setdefault(handler.image.name, handler.image)
         return tuple(seen.values())
 
+    @property
+    def region_controls(self) -> frozenset[str]:
+        """The controls whose regions some handler labels or writes into."""
+        return frozenset(c for h in self.handlers for c in getattr(h, "region_controls", ()))
 
-def _is_true(value: object) -> bool:
+
+def is_true(value: object) -> bool:
     return str(value).lower() in {"true", "1", "yes"}
 
 
-def _number_attr(control, name: str, low: float, high: float, integer: bool = False) -> float | None:
+def number_attr(control, name: str, low: float, high: float, integer: bool = False) -> float | None:
+    """A numeric attribute of a control, checked to lie in [low, high] (None when absent)."""
     raw = control.attr.get(name)
     if raw is None:
         return None
@@ -188,35 +166,74 @@ def _number_attr(control, name: str, low: float, high: float, integer: bool = Fa
     return value
 
 
-def _label_set(control, taxonomies: dict[str, tuple[tuple[str, ...], ...]]) -> LabelSet:
-    value = str(control.attr.get("value") or "")
-    if value.startswith("$") and not control.labels:
-        return LabelSet(data_key=value[1:])
-    if control.tag == "Taxonomy":
-        paths = taxonomies.get(control.name, ())
-        return LabelSet(tuple(" / ".join(path) for path in paths), paths=paths)
-    return LabelSet(tuple(control.labels))
+def text_task(control) -> str:
+    """What a <TextArea> is for: "name" or "read" a region, "caption" an image, or "answer" a question."""
+    chosen = str(control.attr.get(TEXT_TASK_ATTR) or "").lower()
+    if chosen:
+        if chosen not in {"name", "read", "caption", "answer"}:
+            raise UnsupportedConfig(f'<TextArea name="{control.name}"> has {TEXT_TASK_ATTR}="{chosen}"; set it to '
+                                    "name, read, caption or answer")  # fmt: skip
+        return chosen
+    if not is_true(control.attr.get("perRegion")):
+        return "caption"
+    words = f"{control.name} {control.attr.get('placeholder', '')}".lower()
+    return "read" if any(word in words for word in _READING_WORDS) else "name"
 
 
-def _choice_target(control, image: ImageField, label_set: LabelSet) -> ImageChoiceTarget:
-    attrs = {label: control.labels_attrs[label].attr for label in label_set.labels if label in control.labels_attrs}
-    hints = tuple(
-        (label, a.get("hint") or a.get("alias")) for label, a in attrs.items() if a.get("hint") or a.get("alias")
-    )
-    groups = tuple((label, a["group"]) for label, a in attrs.items() if a.get("group"))
-    multiple = control.tag != "Taxonomy" and str(control.attr.get("choice", "single")).lower() == "multiple"
-    return ImageChoiceTarget(
-        control=control.name,
-        image=image,
-        labels=label_set.labels,
-        multiple=multiple,
-        label_set=label_set if label_set.data_key or label_set.paths else None,
-        hints=hints,
-        groups=groups,
-        threshold=_number_attr(control, THRESHOLD_ATTR, 0.0, 1.0),
-        candidate_threshold=_number_attr(control, CANDIDATE_ATTR, 0.0, 1.0),
-        group_size=_number_attr(control, GROUP_SIZE_ATTR, 1, 1000, integer=True),  # type: ignore[arg-type]
-    )
+class ConfigView:
+    """A label config as handlers read it: its images, questions, taxonomies and region tools."""
+
+    def __init__(self, config: str, interface: LabelInterface) -> None:
+        self.interface = interface
+        self.images = {o.name: _image_field(o) for o in interface.objects if o.tag == "Image"}
+        self.questions = {o.name: str(o.value)[1:] for o in interface.objects
+                          if o.tag in {"Text", "HyperText"} and str(o.value or "").startswith("$")}  # fmt: skip
+        self.taxonomies = _taxonomy_paths(config)
+        self.ignored: list[str] = []
+        self._regions: dict[str, list[str]] = {}  # image → the controls whose results are regions on it
+        for control in interface.controls:
+            if control.tag in _REGION_TAGS:
+                for name in control.to_name:
+                    self._regions.setdefault(name, []).append(control.name)
+
+    @property
+    def first_image(self) -> ImageField | None:
+        return next(iter(self.images.values()), None)
+
+    def image_of(self, control) -> ImageField | None:
+        """The <Image> a control points to (its first, when it names several)."""
+        return next((self.images[name] for name in control.to_name if name in self.images), None)
+
+    def question_of(self, control) -> str | None:
+        """The data key of the <Text> question a control points to, if any."""
+        return next((self.questions[name] for name in control.to_name if name in self.questions), None)
+
+    def region_controls(self, image: ImageField) -> tuple[str, ...]:
+        return tuple(self._regions.get(image.name, ()))
+
+    def region_labels(self, image: ImageField) -> tuple[str, ...]:
+        """The labels written in the config for the regions of ``image`` (the first region-labelling control's)."""
+        for control in self.interface.controls:
+            labels_regions = control.tag in LABELLED_SHAPES | {"Labels"} or (
+                control.tag in {"Choices", "Taxonomy"} and is_true(control.attr.get("perRegion"))
+            )
+            if labels_regions and image.name in control.to_name and control.labels:
+                return tuple(control.labels)
+        return ()
+
+    def label_set(self, control) -> LabelSet | None:
+        """The control's labels; None (and noted as ignored) when it has none."""
+        value = str(control.attr.get("value") or "")
+        if value.startswith("$") and not control.labels:
+            return LabelSet(data_key=value[1:])
+        if control.tag == "Taxonomy":
+            paths = self.taxonomies.get(control.name, ())
+            if paths:
+                return LabelSet(tuple(" / ".join(path) for path in paths), paths=paths)
+        elif control.labels:
+            return LabelSet(tuple(control.labels))
+        self.ignored.append(f"{control.tag} {control.name} (no labels)")
+        return None
 
 
 def _taxonomy_paths(config: str) -> dict[str, tuple[tuple[str, ...], ...]]:
@@ -237,27 +254,13 @@ def _taxonomy_paths(config: str) -> dict[str, tuple[tuple[str, ...], ...]]:
     return {str(t.get("name")): tuple(leaves(t, ())) for t in root.iter("Taxonomy")}
 
 
-def _text_task(control, reads_question: bool) -> str:
-    chosen = str(control.attr.get(TEXT_TASK_ATTR) or "").lower()
-    if chosen:
-        if chosen not in {"name", "read", "caption", "answer"}:
-            raise UnsupportedConfig(f'<TextArea name="{control.name}"> has {TEXT_TASK_ATTR}="{chosen}"; set it to '
-                                    "name, read, caption or answer")  # fmt: skip
-        return chosen
-    if reads_question:
-        return "answer"
-    if not _is_true(control.attr.get("perRegion")):
-        return "caption"
-    words = f"{control.name} {control.attr.get('placeholder', '')}".lower()
-    return "read" if any(word in words for word in _READING_WORDS) else "name"
-
-
 def check_label_count(spec: ProjectSpec, max_labels: int) -> None:
     """Refuse a control with more labels than ``max_labels``: every label is scored for every region or image."""
-    for target in (*spec.boxes, *spec.choices):
-        if len(target.labels) > max_labels:
+    for handler in spec.handlers:
+        labels = getattr(handler, "labels", ())
+        if len(labels) > max_labels:
             raise UnsupportedConfig(
-                f"<{target.control}> has {len(target.labels)} labels, over MAX_LABELS={max_labels}: the model scores "
+                f"<{handler.control}> has {len(labels)} labels, over MAX_LABELS={max_labels}: the model scores "
                 "every label for every region, so the cost grows with the label count; split the labels across "
                 "controls or raise MAX_LABELS"
             )
@@ -272,6 +275,8 @@ def parse_label_config(config: object) -> ProjectSpec:
 
 @lru_cache(maxsize=64)
 def _parse_label_config(config: str) -> ProjectSpec:
+    from backend.controls import HANDLERS  # the handlers read this module's vocabulary
+
     if not config.strip():
         raise UnsupportedConfig(f"the label config is empty; this backend supports {SUPPORTED}")
     try:
@@ -280,69 +285,30 @@ def _parse_label_config(config: str) -> ProjectSpec:
         raise UnsupportedConfig(
             f"the label config is not valid XML ({exc}); this backend supports {SUPPORTED}"
         ) from exc
-    images = {o.name: _image_field(o) for o in interface.objects if o.tag == "Image"}
-    if not images:
+    view = ConfigView(config, interface)
+    if not view.images:
         raise UnsupportedConfig(f"the label config has no <Image>; {_refusal(interface)}")
-    questions = {o.name: o.value[1:] for o in interface.objects if o.tag in {"Text", "HyperText"}
-                 and str(o.value or "").startswith("$")}  # fmt: skip
-    taxonomies = _taxonomy_paths(config)
     objects = {o.name for o in interface.objects}
-
-    region_controls: dict[str, list[str]] = {}  # image → the controls whose results are regions on it
+    found: list[tuple[int, ControlHandler]] = []
     for control in interface.controls:
-        if control.tag in _REGION_TAGS:
-            for name in control.to_name:
-                region_controls.setdefault(name, []).append(control.name)
-
-    boxes, choices, texts, image_texts, ignored = [], [], [], [], []
-    for control in interface.controls:
-        targets = [images[name] for name in control.to_name if name in images]
         missing = [name for name in control.to_name if name not in objects]
-        asks = [questions[name] for name in control.to_name if name in questions]
         if missing:
             raise UnsupportedConfig(
                 f"<{control.tag} name={control.name!r}> points to {missing}, which is not an object in the config; "
                 "fix its toName"
             )
-        if control.tag == "TextArea" and asks:  # a question about the view's image (visual question answering)
-            image = next(iter(images.values()))
-            image_texts.append(ImageTextTarget(control.name, image, control.to_name[0], asks[0]))
+        rank = next((i for i, handler in enumerate(HANDLERS) if handler.serves(control, view)), None)
+        if rank is None:
+            if control.tag not in SHAPE_TOOLS:  # shape tools are read through the handlers that label them
+                view.ignored.append(f"{control.tag} {control.name}")
             continue
-        if not targets:
-            if control.tag not in _SHAPE_TOOLS:
-                ignored.append(f"{control.tag} {control.name}")
-            continue
-        image, per_region = targets[0], _is_true(control.attr.get("perRegion"))
-        drawn = tuple(region_controls.get(image.name, ()))
-        if control.tag == "TextArea":
-            task = _text_task(control, False)
-            if task in {"name", "read"}:
-                texts.append(BoxTextTarget(control.name, image, drawn, task))  # type: ignore[arg-type]
-            else:
-                image_texts.append(ImageTextTarget(control.name, image, image.name))
-            continue
-        if control.tag not in _LABEL_TAGS:
-            if control.tag not in _SHAPE_TOOLS:
-                ignored.append(f"{control.tag} {control.name}")
-            continue
-        label_set = _label_set(control, taxonomies)
-        if not label_set.labels and label_set.data_key is None:
-            ignored.append(f"{control.tag} {control.name} (no labels)")
-            continue
-        if control.tag in _LABELLED_SHAPES or control.tag == "Labels":
-            own = (control.name,) if control.tag in _LABELLED_SHAPES else drawn
-            boxes.append(BoxLabelTarget(control.name, image, label_set.labels, control.tag.lower(), own,
-                                        _dynamic(label_set)))  # fmt: skip
-        elif per_region:
-            result_type = "taxonomy" if control.tag == "Taxonomy" else "choices"
-            boxes.append(BoxLabelTarget(control.name, image, label_set.labels, result_type, drawn,
-                                        _dynamic(label_set)))  # fmt: skip
-        else:
-            choices.append(_choice_target(control, image, label_set))
-
-    if not boxes and not choices and not image_texts and not any(t.box_controls for t in texts):
+        handler = HANDLERS[rank].from_control(control, view)
+        if handler is not None:
+            found.append((rank, handler))
+    handlers = tuple(handler for _, handler in sorted(found, key=lambda pair: pair[0]))  # registry order, stable
+    if not any(getattr(h, "region_controls", True) for h in handlers):
         raise UnsupportedConfig(f"nothing to annotate in this label config; {_refusal(interface)}")
-    return ProjectSpec(tuple(boxes), tuple(choices), tuple(ignored), tuple(texts), tuple(image_texts))
+    return ProjectSpec(handlers, tuple(view.ignored))
 
 
 def _image_field(tag) -> ImageField:
@@ -350,10 +316,6 @@ def _image_field(tag) -> ImageField:
     if listed:
         return ImageField(tag.name, str(listed), value_list=True)
     return ImageField(tag.name, str(tag.value or ""))
-
-
-def _dynamic(label_set: LabelSet) -> LabelSet | None:
-    return label_set if label_set.data_key or label_set.paths else None
 
 
 def _refusal(interface) -> str:

@@ -42,7 +42,7 @@ def labelled_items(task: dict[str, Any], spec: ProjectSpec, model_version: str |
         return []
     task_id, regions = int(task["id"]), [r for r in source.get("result") or [] if isinstance(r, dict)]
     items: list[LabelledItem] = []
-    for target in spec.boxes:
+    for target in spec.region_labels:
         for region in regions:
             labels = region_labels(region)
             if region.get("from_name") != target.control or not labels or not on_region(region):
@@ -54,7 +54,7 @@ def labelled_items(task: dict[str, Any], spec: ProjectSpec, model_version: str |
             confidence = 1.0 if reviewed else float(region.get("score", source.get("score", 0.5)) or 0.5)
             url = target.image.url(task, box.item_index)
             items.append(LabelledItem(task_id, url, target.control, labels[:1], reviewed, confidence, box))
-    for target in spec.choices:
+    for target in spec.image_choices:
         mine = [r for r in regions if r.get("from_name") == target.control]
         labels = tuple(label for region in mine for label in region_labels(region))
         if not labels and not target.multiple:
@@ -109,7 +109,7 @@ def compare_task(task: dict[str, Any], spec: ProjectSpec, model_version: str | N
     human = [r for r in annotation.get("result") or [] if isinstance(r, dict)]
     by_id = {(str(r.get("id")), r.get("from_name")): r for r in human}
     labels, tags, texts = [], [], []
-    label_controls = {t.control for t in spec.boxes} | {t.control for t in spec.choices if not t.multiple}
+    label_controls = {t.control for t in spec.region_labels} | {t.control for t in spec.image_choices if not t.multiple}
     for region in predicted:
         control, values = region.get("from_name"), region_labels(region)
         if control in label_controls and values:
@@ -123,7 +123,7 @@ def compare_task(task: dict[str, Any], spec: ProjectSpec, model_version: str | N
             mine = by_id.get((str(region.get("id")), control))
             if mine is not None and (mine.get("value") or {}).get("text"):
                 texts.append((str(region["value"]["text"][0]), str(mine["value"]["text"][0])))
-    for target in spec.choices:
+    for target in spec.image_choices:
         if not target.multiple:
             continue
         mine_predicted = [r for r in predicted if r.get("from_name") == target.control]

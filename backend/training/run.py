@@ -121,8 +121,8 @@ def train_project(settings: Settings, project: int, progress: Callable[[float, s
 
 
 def _train_controls(settings, spec: ProjectSpec, items, images, partial: Path, report) -> dict:
-    targets = [(t.control, t.labels, False) for t in spec.boxes] + [
-        (t.control, t.labels, t.multiple) for t in spec.choices
+    targets = [(t.control, t.labels, False) for t in spec.region_labels] + [
+        (t.control, t.labels, t.multiple) for t in spec.image_choices
     ]
     results = {}
     for number, (control, labels, multi_label) in enumerate(targets):

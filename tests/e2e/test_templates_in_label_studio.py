@@ -34,9 +34,9 @@ def test_each_image_template_gets_stored_predictions_for_what_a_person_drew(clie
     spec = parse_label_config(config)
     drawn = {r["id"] for r in task["annotations"][0]["result"]}
     labelled = {r["id"] for r in results if r["type"] not in {"textarea"} and r["id"] in drawn}
-    if spec.boxes:
+    if spec.region_labels:
         assert labelled == drawn  # each drawn region, of whatever shape, got its label, kept by Label Studio
-    for control in [t.control for t in spec.choices] + [t.control for t in spec.image_texts]:
+    for control in [t.control for t in spec.image_choices] + [t.control for t in spec.image_texts]:
         assert any(r["from_name"] == control for r in results), (control, results)
     assert 0 <= ours[0]["score"] <= 1
 

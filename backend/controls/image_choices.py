@@ -1,0 +1,120 @@
+"""Labels for a whole image: a single-choice ``<Choices>`` (or ``<Taxonomy>``) is a classification; a
+multiple-choice one is tagging (TagLLM: group-wise candidates, then concept disambiguation)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from backend.annotate.choice import Choice
+from backend.annotate.suspicion import Signals
+from backend.annotate.tagging import Tags, TagSettings, classify_images, tag_images
+from backend.controls.base import Asking, Output, Predicted, Question, TaskInput
+from backend.labelstudio.config import (
+    CANDIDATE_ATTR,
+    GROUP_SIZE_ATTR,
+    THRESHOLD_ATTR,
+    ConfigView,
+    ImageField,
+    LabelSet,
+    is_true,
+    number_attr,
+)
+from backend.labelstudio.regions import MODEL_IMAGE_MAX_PIXELS, shrink_to
+
+
+@dataclass(frozen=True)
+class ImageChoices:
+    """Choose one (or, with ``multiple``, several) of ``labels`` for the whole image."""
+
+    tags: ClassVar[frozenset[str]] = frozenset({"Choices", "Taxonomy"})
+    control: str
+    image: ImageField
+    labels: tuple[str, ...]
+    multiple: bool
+    label_set: LabelSet | None = None  # None: ``labels``, written in the config
+    hints: tuple[tuple[str, str], ...] = ()  # (label, definition) from <Choice hint="..."> or alias
+    groups: tuple[tuple[str, str], ...] = ()  # (label, group) from <Choice group="...">
+    threshold: float | None = None
+    candidate_threshold: float | None = None
+    group_size: int | None = None
+
+    @property
+    def source(self) -> LabelSet:
+        return self.label_set or LabelSet(self.labels)
+
+    @classmethod
+    def serves(cls, control: Any, view: ConfigView) -> bool:
+        return (
+            control.tag in cls.tags
+            and view.image_of(control) is not None
+            and not is_true(control.attr.get("perRegion"))
+        )
+
+    @classmethod
+    def from_control(cls, control: Any, view: ConfigView) -> ImageChoices | None:
+        image, label_set = view.image_of(control), view.label_set(control)
+        if image is None or label_set is None:
+            return None
+        attrs = {label: control.labels_attrs[label].attr for label in label_set.labels if label in control.labels_attrs}
+        hints = tuple((label, a.get("hint") or a.get("alias")) for label, a in attrs.items()
+                      if a.get("hint") or a.get("alias"))  # fmt: skip
+        groups = tuple((label, a["group"]) for label, a in attrs.items() if a.get("group"))
+        multiple = control.tag != "Taxonomy" and str(control.attr.get("choice", "single")).lower() == "multiple"
+        return cls(
+            control=control.name,
+            image=image,
+            labels=label_set.labels,
+            multiple=multiple,
+            label_set=label_set.dynamic,
+            hints=hints,
+            groups=groups,
+            threshold=number_attr(control, THRESHOLD_ATTR, 0.0, 1.0),
+            candidate_threshold=number_attr(control, CANDIDATE_ATTR, 0.0, 1.0),
+            group_size=number_attr(control, GROUP_SIZE_ATTR, 1, 1000, integer=True),  # type: ignore[arg-type]
+        )
+
+    def questions(self, task: TaskInput) -> list[Question]:
+        if not task.whole_image:
+            return []
+        image = shrink_to(task.image(self.image), MODEL_IMAGE_MAX_PIXELS)
+        return [Question(task.index, image, labels=self.source.of(task.task))]
+
+    def answer(self, asking: Asking, questions: Sequence[Question]) -> list[Output | None]:
+        outputs: list[Output | None] = [None] * len(questions)
+        for labels in dict.fromkeys(q.labels for q in questions):
+            indices = [i for i, q in enumerate(questions) if q.labels == labels]
+            answers = self._ask(asking, labels, [questions[i].image for i in indices])
+            for i, answer in zip(indices, answers, strict=True):
+                outputs[i] = self._output(questions[i], answer)
+        return outputs
+
+    def _ask(self, asking: Asking, labels: tuple[str, ...], images: list) -> list[Choice] | list[Tags]:
+        if not self.multiple:
+            return classify_images(asking.engine, asking.prompts, images, labels)
+        s = asking.settings
+        tag_settings = TagSettings(
+            threshold=self.threshold if self.threshold is not None else s.tag_threshold,
+            candidate_threshold=(
+                self.candidate_threshold if self.candidate_threshold is not None else s.tag_candidate_threshold
+            ),
+            group_size=self.group_size or s.tag_group_size,
+        )
+        return tag_images(asking.engine, asking.prompts, images, labels, tag_settings, dict(self.hints),
+                          dict(self.groups))  # fmt: skip
+
+    def _output(self, question: Question, answer: Choice | Tags) -> Output:
+        hints = dict(self.hints)
+        if isinstance(answer, Tags):
+            if not answer.labels:  # "none of these": no label to judge, but a decision that ranks the task
+                return Output(question, self.control, self.image.name, "choices", None, confidence=answer.confidence,
+                              ranks_task=True)  # fmt: skip
+            predicted = tuple(Predicted(tag, Signals(annotator=answer.presence[tag])) for tag in answer.labels)
+            return Output(question, self.control, self.image.name, "choices", {"choices": list(answer.labels)},
+                          predicted=predicted, hints=hints)  # fmt: skip
+        result_type = "taxonomy" if self.source.paths else "choices"
+        signals = Signals(annotator=answer.probability, margin=answer.margin, mapped=answer.mapped)
+        return Output(question, self.control, self.image.name, result_type,
+                      self.source.payload(result_type, answer.label), predicted=(Predicted(answer.label, signals),),
+                      hints=hints)  # fmt: skip

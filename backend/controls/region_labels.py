@@ -1,0 +1,100 @@
+"""A label for each region a person drew: ``<RectangleLabels>``, ``<PolygonLabels>``, ``<EllipseLabels>``,
+``<KeyPointLabels>``, ``<BrushLabels>``, ``<Labels>`` on a shape tool, and per-region ``<Choices>`` or
+``<Taxonomy>``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from backend.annotate.boxes import label_crops
+from backend.annotate.choice import Choice
+from backend.annotate.suspicion import Signals
+from backend.controls.base import Asking, Output, Predicted, Question, TaskInput
+from backend.labelstudio.config import LABELLED_SHAPES, ConfigView, ImageField, LabelSet, is_true
+
+
+@dataclass(frozen=True)
+class RegionLabels:
+    """Label each region drawn with one of ``region_controls`` using ``control``'s labels."""
+
+    tags: ClassVar[frozenset[str]] = frozenset({*LABELLED_SHAPES, "Labels", "Choices", "Taxonomy"})
+    control: str
+    image: ImageField
+    labels: tuple[str, ...]
+    result_type: str  # "rectanglelabels", "polygonlabels", ..., "labels", "choices" or "taxonomy"
+    region_controls: tuple[str, ...]
+    label_set: LabelSet | None = None  # None: ``labels``, written in the config
+
+    @property
+    def source(self) -> LabelSet:
+        return self.label_set or LabelSet(self.labels)
+
+    @classmethod
+    def serves(cls, control: Any, view: ConfigView) -> bool:
+        per_region = is_true(control.attr.get("perRegion"))
+        return view.image_of(control) is not None and (
+            control.tag in LABELLED_SHAPES or control.tag == "Labels" or (control.tag in cls.tags and per_region)
+        )
+
+    @classmethod
+    def from_control(cls, control: Any, view: ConfigView) -> RegionLabels | None:
+        image = view.image_of(control)
+        label_set = view.label_set(control)
+        if image is None or label_set is None:
+            return None
+        if control.tag in LABELLED_SHAPES:
+            result_type, drawn = control.tag.lower(), (control.name,)
+        else:
+            result_type = "labels" if control.tag == "Labels" else control.tag.lower()
+            drawn = view.region_controls(image)
+        return cls(control.name, image, label_set.labels, result_type, drawn, label_set.dynamic)
+
+    def questions(self, task: TaskInput) -> list[Question]:
+        mine = [d for d in task.regions if d.box.from_name in self.region_controls and d.box.to_name == self.image.name]
+        if not mine:
+            return []
+        labels = self.source.of(task.task)
+        return [Question(task.index, drawn.crop, drawn, labels) for drawn in mine]
+
+    def answer(self, asking: Asking, questions: Sequence[Question]) -> list[Output | None]:
+        cascaded = self._cascade(asking, questions)
+        rest = [q for i, q in enumerate(questions) if i not in cascaded]
+        asked = iter(_label(asking, rest))
+        outputs: list[Output | None] = []
+        for index, question in enumerate(questions):
+            choice = cascaded[index] if index in cascaded else next(asked)
+            signals = Signals(annotator=choice.probability, margin=choice.margin, mapped=choice.mapped)
+            outputs.append(Output(
+                question, self.control, self.image.name, self.result_type,
+                self.source.payload(self.result_type, choice.label),
+                predicted=(Predicted(choice.label, signals, from_classifier=index in cascaded),),
+                region_label=choice.label,
+            ))  # fmt: skip
+        return outputs
+
+    def _cascade(self, asking: Asking, questions: Sequence[Question]) -> dict[int, Choice]:
+        """With CASCADE=on, regions the project's trained classifier is sure about skip the MLLM."""
+        if not asking.settings.cascade or not questions:
+            return {}
+        classifier = asking.classifier(self.control)
+        if classifier is None or classifier.multi_label or tuple(classifier.labels) != tuple(self.labels):
+            return {}
+        sure = {}
+        for index, row in enumerate(classifier.predict_proba([q.image for q in questions])):
+            best = int(row.argmax())
+            if row[best] >= asking.settings.cascade_threshold:
+                sure[index] = Choice(self.labels[best], float(row[best]), self.labels, tuple(float(p) for p in row))
+        asking.on_cascade(len(sure))
+        return sure
+
+
+def _label(asking: Asking, questions: Sequence[Question]) -> list[Choice]:
+    """Each crop's label from its own label set (a set read from task data can differ between tasks)."""
+    answers: dict[int, Choice] = {}
+    for labels in dict.fromkeys(q.labels for q in questions):
+        indices = [i for i, q in enumerate(questions) if q.labels == labels]
+        crops = [questions[i].image for i in indices]
+        answers.update(zip(indices, label_crops(asking.engine, asking.prompts, crops, labels), strict=True))
+    return [answers[i] for i in range(len(questions))]
