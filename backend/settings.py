@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-PACKAGE_PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
+PACKAGE_PROMPTS = Path(__file__).resolve().parent / "default_prompts"  # prompts/, also inside an installed wheel
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 

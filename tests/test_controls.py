@@ -44,6 +44,9 @@ class StarRating:
                        predicted=(Predicted(c.label, Signals(annotator=c.probability)),))
                 for q, c in zip(questions, choices, strict=True)]  # fmt: skip
 
+    def training_items(self, task: dict, results: list[dict], reviewed: bool, score: float | None) -> list:
+        return []
+
 
 def test_the_registry_routes_each_control_to_its_handler():
     spec = parse_label_config("""<View><Image name="image" value="$image"/>

@@ -21,6 +21,7 @@ from backend.labelstudio.regions import Box, box_result, image_result
 if TYPE_CHECKING:
     from backend.annotate.mapping import LabelMapper
     from backend.labelstudio.config import ConfigView, ImageField
+    from backend.labelstudio.export import LabelledItem
     from backend.models.engine import Engine
     from backend.prompts import PromptBook
     from backend.settings import Settings
@@ -139,4 +140,10 @@ class ControlHandler(Protocol):
 
     def answer(self, asking: Asking, questions: Sequence[Question]) -> list[Output | None]:
         """One output per question (None: nothing to write), batched."""
+        ...
+
+    def training_items(
+        self, task: dict, results: list[dict], reviewed: bool, score: float | None
+    ) -> list[LabelledItem]:
+        """What a task's annotation (``reviewed``) or our prediction teaches the project's classifier."""
         ...

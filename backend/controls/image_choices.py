@@ -21,6 +21,7 @@ from backend.labelstudio.config import (
     is_true,
     number_attr,
 )
+from backend.labelstudio.export import image_items
 from backend.labelstudio.regions import MODEL_IMAGE_MAX_PIXELS, shrink_to
 
 
@@ -89,6 +90,9 @@ class ImageChoices:
             for i, answer in zip(indices, answers, strict=True):
                 outputs[i] = self._output(questions[i], answer)
         return outputs
+
+    def training_items(self, task: dict, results: list[dict], reviewed: bool, score: float | None) -> list:
+        return image_items(task, self.control, self.image, self.multiple, results, reviewed, score)
 
     def _ask(self, asking: Asking, labels: tuple[str, ...], images: list) -> list[Choice] | list[Tags]:
         if not self.multiple:

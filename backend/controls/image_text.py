@@ -51,6 +51,9 @@ class ImageText:
         image = shrink_to(task.image(self.image), MODEL_IMAGE_MAX_PIXELS)
         return [Question(task.index, image, text=self._question(task.task) if self.question else None)]
 
+    def training_items(self, task: dict, results: list[dict], reviewed: bool, score: float | None) -> list:
+        return []  # text trains no classifier
+
     def answer(self, asking: Asking, questions: Sequence[Question]) -> list[Output | None]:
         texts = write_texts(asking.engine, asking.prompts, [(q.image, q.text) for q in questions])
         return [

@@ -13,6 +13,7 @@ from backend.annotate.choice import Choice
 from backend.annotate.suspicion import Signals
 from backend.controls.base import Asking, Output, Predicted, Question, TaskInput
 from backend.labelstudio.config import LABELLED_SHAPES, ConfigView, ImageField, LabelSet, is_true
+from backend.labelstudio.export import region_items
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class RegionLabels:
                 region_label=choice.label,
             ))  # fmt: skip
         return outputs
+
+    def training_items(self, task: dict, results: list[dict], reviewed: bool, score: float | None) -> list:
+        return region_items(task, self.control, self.image, results, reviewed, score)
 
     def _cascade(self, asking: Asking, questions: Sequence[Question]) -> dict[int, Choice]:
         """With CASCADE=on, regions the project's trained classifier is sure about skip the MLLM."""

@@ -39,6 +39,9 @@ class RegionText:
         mine = [d for d in task.regions if d.box.from_name in self.region_controls and d.box.to_name == self.image.name]
         return [Question(task.index, drawn.crop, drawn) for drawn in mine]
 
+    def training_items(self, task: dict, results: list[dict], reviewed: bool, score: float | None) -> list:
+        return []  # text trains no classifier
+
     def answer(self, asking: Asking, questions: Sequence[Question]) -> list[Output | None]:
         crops = [q.image for q in questions]
         if self.task == "read":

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from backend.labelstudio.config import ProjectSpec
+from backend.labelstudio.config import ImageField, ProjectSpec
 from backend.labelstudio.regions import Box, RegionError, box_from_region, on_region, region_labels
 
 
@@ -40,29 +40,40 @@ def labelled_items(task: dict[str, Any], spec: ProjectSpec, model_version: str |
     source, reviewed = (_latest(annotations), True) if annotations else (_latest(predictions), False)
     if source is None:
         return []
-    task_id, regions = int(task["id"]), [r for r in source.get("result") or [] if isinstance(r, dict)]
-    items: list[LabelledItem] = []
-    for target in spec.region_labels:
-        for region in regions:
-            labels = region_labels(region)
-            if region.get("from_name") != target.control or not labels or not on_region(region):
-                continue
-            try:
-                box = box_from_region(region)
-            except RegionError:
-                continue
-            confidence = 1.0 if reviewed else float(region.get("score", source.get("score", 0.5)) or 0.5)
-            url = target.image.url(task, box.item_index)
-            items.append(LabelledItem(task_id, url, target.control, labels[:1], reviewed, confidence, box))
-    for target in spec.image_choices:
-        mine = [r for r in regions if r.get("from_name") == target.control]
-        labels = tuple(label for region in mine for label in region_labels(region))
-        if not labels and not target.multiple:
-            continue  # a single choice left empty says nothing
-        score = mine[0].get("score") if mine else source.get("score")
-        confidence = 1.0 if reviewed else float(score if score is not None else 0.5)
-        items.append(LabelledItem(task_id, target.image.url(task), target.control, labels, reviewed, confidence))
+    results = [r for r in source.get("result") or [] if isinstance(r, dict)]
+    source_score = source.get("score")
+    return [item for handler in spec.handlers for item in handler.training_items(task, results, reviewed, source_score)]
+
+
+def region_items(task: dict[str, Any], control: str, image: ImageField, results: list[dict], reviewed: bool,
+                 source_score: float | None) -> list[LabelledItem]:  # fmt: skip
+    """One item per labelled region of ``control``: its crop's label (the human's, or our prediction's)."""
+    items = []
+    for result in results:
+        labels = region_labels(result)
+        if result.get("from_name") != control or not labels or not on_region(result):
+            continue
+        try:
+            box = box_from_region(result)
+        except RegionError:
+            continue
+        confidence = 1.0 if reviewed else float(result.get("score", source_score if source_score is not None else 0.5)
+                                                or 0.5)  # fmt: skip
+        items.append(LabelledItem(int(task["id"]), image.url(task, box.item_index), control, labels[:1], reviewed,
+                                  confidence, box))  # fmt: skip
     return items
+
+
+def image_items(task: dict[str, Any], control: str, image: ImageField, multiple: bool, results: list[dict],
+                reviewed: bool, source_score: float | None) -> list[LabelledItem]:  # fmt: skip
+    """The whole image's item for ``control``: its labels (none is an answer for multiple choice)."""
+    mine = [r for r in results if r.get("from_name") == control]
+    labels = tuple(label for result in mine for label in region_labels(result))
+    if not labels and not multiple:
+        return []  # a single choice left empty says nothing
+    score = mine[0].get("score") if mine else source_score
+    confidence = 1.0 if reviewed else float(score if score is not None else 0.5)
+    return [LabelledItem(int(task["id"]), image.url(task), control, labels, reviewed, confidence)]
 
 
 @dataclass(frozen=True)
