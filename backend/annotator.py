@@ -19,7 +19,6 @@ from typing import Any
 
 from backend.annotate.mapping import LabelMapper
 from backend.labelstudio.client import LabelStudioSites
-from backend.metrics import Metrics
 from backend.models.engine import Engine
 from backend.models.slot import EngineSlot
 from backend.models.text_encoder import SentenceEncoder
@@ -27,7 +26,8 @@ from backend.predictor import Predictor
 from backend.prompts import PromptBook
 from backend.reviews import ReviewStore
 from backend.settings import Settings
-from backend.training.versions import VersionStore
+from backend.telemetry import Telemetry
+from backend.training.versions import ClassifierVersions
 
 
 class Annotator:
@@ -42,7 +42,7 @@ class Annotator:
         settings: any other setting, by its environment name (e.g. ``{"CRITIC": "on"}``); the
             process environment is not read.
         reviews: a :class:`~backend.reviews.ReviewStore` whose review outcomes calibrate scores.
-        classifiers: a :class:`~backend.training.versions.VersionStore` of trained classifiers
+        classifiers: a :class:`~backend.training.versions.ClassifierVersions` of trained classifiers
             (agreement signal, ``CASCADE``).
     """
 
@@ -55,7 +55,7 @@ class Annotator:
         engine: Engine | None = None,
         settings: Mapping[str, str] | None = None,
         reviews: ReviewStore | None = None,
-        classifiers: VersionStore | None = None,
+        classifiers: ClassifierVersions | None = None,
     ) -> None:
         if model is None and engine is None:
             raise ValueError("Annotator needs model= (a checkpoint, hub id or served model name) or engine=")
@@ -88,7 +88,7 @@ class Annotator:
             image_loader(self.settings),
             book,
             LabelStudioSites(self.settings.label_studio_url, self.settings.label_studio_api_key),
-            Metrics(),
+            Telemetry(),
             reviews,
             mapper,
             critic,

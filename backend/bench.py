@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backend.devtools.tiny import build_tiny_checkpoint
 from backend.models.local import TransformersEngine
-from backend.models.tiny import build_tiny_checkpoint
 
 COCO_20 = [
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         serve(args.host, args.port, args.threads)
     elif args.command == "tiny-model":
-        from backend.models.tiny import build_tiny_checkpoint
+        from backend.devtools.tiny import build_tiny_checkpoint
 
         out = build_tiny_checkpoint(args.dir, args.arch, args.seed)
         print(f"wrote a tiny random {args.arch} checkpoint to {out} (random weights: its labels are random)")
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2)
         print(RedisJobs(settings).preannotate(args.project, args.tasks))
     elif args.command == "demo":
-        from backend.labelstudio.devstack import run_demo
+        from backend.devtools.devstack import run_demo
 
         run_demo(args.workdir, args.port, args.backend_port)
     elif args.command == "review-plan":

@@ -33,17 +33,17 @@ from backend.labelstudio.auth import LabelStudioAuth
 from backend.labelstudio.client import LabelStudioSites
 from backend.labelstudio.config import ImageField, ProjectSpec, check_label_count, parse_label_config
 from backend.labelstudio.media import ImageLoader, MediaError
+from backend.labelstudio.outcomes import PredictedLabel
 from backend.labelstudio.protocol import TaskError, json_type, label_studio_id, project_id
 from backend.labelstudio.regions import RegionError, box_from_region, box_label, crop_box
-from backend.labelstudio.review import PredictedLabel
 from backend.labelstudio.tasks import user_regions
-from backend.metrics import Metrics
 from backend.models.engine import Engine, EngineUnavailable
 from backend.models.slot import EngineSlot
 from backend.prompts import PromptBook
 from backend.reviews import ReviewStore
 from backend.settings import Settings
-from backend.training.versions import VersionStore
+from backend.telemetry import Telemetry
+from backend.training.versions import ClassifierVersions
 
 log = logging.getLogger(__name__)
 SCORING = "options-v3"  # bump when the way answers are scored changes
@@ -146,22 +146,22 @@ class Predictor:
         loader: ImageLoader,
         prompts: PromptBook,
         sites: LabelStudioSites,
-        metrics: Metrics,
+        telemetry: Telemetry,
         reviews: ReviewStore | None = None,
         mapper: LabelMapper | None = None,
         critic_slot: EngineSlot | None = None,
-        versions: VersionStore | None = None,
+        classifiers: ClassifierVersions | None = None,
     ) -> None:
         self.settings = settings
         self.slot = slot
         self.loader = loader
         self.prompts = prompts
         self.sites = sites
-        self.metrics = metrics
+        self.telemetry = telemetry
         self.reviews = reviews
         self.mapper = mapper
         self.critic_slot = critic_slot
-        self.versions = versions
+        self.classifiers = classifiers
 
     def model_version(self) -> str:
         return model_version(self.settings, self.prompts)
@@ -208,7 +208,7 @@ class Predictor:
                                       f"{outcome.error}"}  # fmt: skip
             elif predictions[index]:
                 predictions[index] = {"model_version": version, **predictions[index]}  # type: ignore[dict-item]
-        self.metrics.predictions.inc(sum(1 for p in predictions if isinstance(p, dict) and "result" in p))
+        self.telemetry.predictions.inc(sum(1 for p in predictions if isinstance(p, dict) and "result" in p))
         return predictions
 
     def _annotate_chunk(
@@ -229,14 +229,14 @@ class Predictor:
             if not outcomes[index].error:
                 predictions[index] = _prediction(outcomes[index], scored)
         seconds = time.perf_counter() - started
-        self.metrics.model_seconds.observe(seconds)
+        self.telemetry.model_seconds.observe(seconds)
         tokens = getattr(engine, "tokens_processed", 0) - tokens_before
         self._remember(project, self.model_version(), [outcomes[i] for i in chunk.tasks], scored, seconds, tokens)
 
     def _ask(self, engine: Engine, chunk: _Chunk, outcomes: list[_Outcome], project: int | None) -> None:
         """Each handler's questions, batched across the chunk, in registry order (see ``backend.controls``)."""
         asking = Asking(engine, self.prompts, self.settings, self.mapper,
-                        partial(self._classifier, project), on_cascade=self.metrics.cascade_skipped.inc)  # fmt: skip
+                        partial(self._classifier, project), on_cascade=self.telemetry.cascade_skipped.inc)  # fmt: skip
         for handler in dict.fromkeys(handler for handler, _ in chunk.questions):
             questions = [q for h, q in chunk.questions if h is handler and not outcomes[q.task].error]
             answers = run_isolated(partial(handler.answer, asking), questions)
@@ -247,7 +247,7 @@ class Predictor:
                     outcomes[question.task].outputs.append(output)
                     if output.region_label is not None and output.region is not None:
                         asking.region_labels.setdefault((question.task, output.region.id), output.region_label)
-                    self.metrics.regions.labels(kind=_kind(output)).inc()
+                    self.telemetry.regions.labels(kind=_kind(output)).inc()
 
     def _late_message(self) -> str:
         return (
@@ -258,7 +258,7 @@ class Predictor:
 
     def _fail(self, outcome: _Outcome, reason: str, message: str) -> None:
         outcome.fail(message)
-        self.metrics.task_errors.labels(reason=reason).inc()
+        self.telemetry.task_errors.labels(reason=reason).inc()
 
     # --- images and crops -----------------------------------------------------------
 
@@ -352,15 +352,15 @@ class Predictor:
             verdicts = judge(critic, self.prompts, images, [p.label for _, p in judged], hints)
         except Exception as exc:  # the critic is advice: without it, scores fall back to the other signals
             log.warning("critic pass failed (%s); scoring without it", _describe(exc))
-            self.metrics.task_errors.labels(reason="critic").inc()
+            self.telemetry.task_errors.labels(reason="critic").inc()
             return [None] * len(judged)
         return [float(v) for v in verdicts]
 
     def _classifier(self, project: int | None, control: str):
         """The project's trained classifier for ``control``, if there is one."""
-        if self.versions is None or project is None:
+        if self.classifiers is None or project is None:
             return None
-        return self.versions.classifier(project, control)
+        return self.classifiers.classifier(project, control)
 
     def _classifier_agreement(self, judged: list[tuple[Output, Predicted]], project: int | None) -> list[float | None]:
         """The project's trained classifier's probability for each label (confident learning's self-confidence)."""
@@ -399,7 +399,7 @@ class Predictor:
     def _model_failed(self, outcome: _Outcome, exc: Exception) -> None:
         log.warning("model failed on task %s: %s", outcome.task_id, _describe(exc))
         outcome.fail(f"the model could not answer ({_describe(exc)})")
-        self.metrics.task_errors.labels(reason="model").inc()
+        self.telemetry.task_errors.labels(reason="model").inc()
 
 
 def _prediction(outcome: _Outcome, scored: list[_Scored]) -> dict | list:

@@ -21,8 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from backend.annotate.suspicion import Calibrator, cross_fitted_ece, expected_calibration_error
-from backend.labelstudio.review import PredictedLabel, review_outcomes
+from backend.annotate.suspicion import Calibrator
+from backend.evaluation.metrics import cross_fitted_ece, expected_calibration_error
+from backend.labelstudio.outcomes import PredictedLabel, review_outcomes
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS predicted (

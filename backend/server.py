@@ -17,11 +17,11 @@ from backend.jobs import QueueUnavailable
 from backend.labelstudio.client import SetupInfo
 from backend.labelstudio.config import UnsupportedConfig
 from backend.labelstudio.protocol import BadRequest, parse_json, read_preannotate, read_predict, read_setup
-from backend.metrics import CONTENT_TYPE
 from backend.models.slot import ModelNotReady
 from backend.prompts import PromptError
 from backend.reviews import StoreBusy
 from backend.service import Service
+from backend.telemetry import CONTENT_TYPE
 from backend.webhooks import handle_webhook
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def create_app(service: Service) -> Flask:
     app.json = _StrictJSON(app)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     _register_errors(app)
-    settings, predictor, metrics = service.settings, service.predictor, service.metrics
+    settings, predictor, telemetry = service.settings, service.predictor, service.telemetry
     admission = threading.BoundedSemaphore(settings.max_predicts_in_flight)  # overload: a fast 503, not a timeout
     service.slot.start()
     if predictor.critic_slot is not None:
@@ -121,8 +121,8 @@ def create_app(service: Service) -> Flask:
     @app.after_request
     def count(response: Response) -> Response:
         route = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.requests.labels(route=route, method=request.method, status=str(response.status_code)).inc()
-        metrics.latency.labels(route=route).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        telemetry.requests.labels(route=route, method=request.method, status=str(response.status_code)).inc()
+        telemetry.latency.labels(route=route).observe(time.perf_counter() - g.get("started", time.perf_counter()))
         return response
 
     @app.get("/")
@@ -130,7 +130,7 @@ def create_app(service: Service) -> Flask:
     def health() -> Response | tuple[Response, int]:
         """Label Studio gives this 1 s: nothing here waits on the model, SQLite or a lock held by predictions."""
         state = service.slot.state
-        metrics.model_ready.set(1 if state == "ready" else 0)
+        telemetry.model_ready.set(1 if state == "ready" else 0)
         warnings = [problem] if (problem := service.jobs.problem()) else []
         body: dict[str, Any] = {"status": "UP", "model_state": state, "model_version": predictor.model_version(),
                                 "warnings": warnings}  # fmt: skip
@@ -162,7 +162,7 @@ def create_app(service: Service) -> Flask:
                 413,
             )
         if not admission.acquire(blocking=False):
-            metrics.task_errors.labels(reason="overload").inc(len(asked.tasks))
+            telemetry.task_errors.labels(reason="overload").inc(len(asked.tasks))
             return _error(
                 f"the backend is busy ({settings.max_predicts_in_flight} predictions in flight); retry shortly",
                 503, **{"Retry-After": "2"},
@@ -202,15 +202,15 @@ def create_app(service: Service) -> Flask:
     @app.get("/versions")
     def versions() -> Response:
         version = predictor.model_version()
-        classifiers = {str(p): service.versions.versions(p) for p in service.versions.projects()}
+        classifiers = {str(p): service.classifiers.versions(p) for p in service.classifiers.projects()}
         return jsonify({"versions": [version], "model_version": version, "model": settings.mllm_model,
                         "jobs": service.jobs.kind, "calibration": predictor.reviews.status(),
                         "classifiers": classifiers})  # fmt: skip
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        metrics.model_ready.set(1 if service.slot.state == "ready" else 0)
-        return Response(metrics.render(), content_type=CONTENT_TYPE)
+        telemetry.model_ready.set(1 if service.slot.state == "ready" else 0)
+        return Response(telemetry.render(), content_type=CONTENT_TYPE)
 
     return app
 

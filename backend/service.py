@@ -9,7 +9,6 @@ from backend.annotate.mapping import LabelMapper
 from backend.jobs import LocalJobs, RedisJobs, make_queue
 from backend.labelstudio.client import LabelStudioSites, ModelVersionSync
 from backend.labelstudio.media import ImageLoader, MediaLimits
-from backend.metrics import Metrics
 from backend.models.engine import Engine
 from backend.models.slot import EngineSlot
 from backend.models.text_encoder import SentenceEncoder
@@ -17,7 +16,8 @@ from backend.predictor import Predictor
 from backend.prompts import PromptBook
 from backend.reviews import ReviewStore
 from backend.settings import Settings
-from backend.training.versions import VersionStore
+from backend.telemetry import Telemetry
+from backend.training.versions import ClassifierVersions
 
 
 @dataclass
@@ -27,9 +27,9 @@ class Service:
     predictor: Predictor
     sites: LabelStudioSites
     version_sync: ModelVersionSync
-    metrics: Metrics
+    telemetry: Telemetry
     jobs: RedisJobs | LocalJobs
-    versions: VersionStore
+    classifiers: ClassifierVersions
 
 
 def engine_factory(
@@ -90,7 +90,7 @@ def build_service(settings: Settings, factory: Callable[[], Engine] | None = Non
     prompts = PromptBook(settings.prompts_dir)
     prompts.check()
     settings.model_dir.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics()
+    telemetry = Telemetry()
     mapper = LabelMapper(SentenceEncoder(settings.text_encoder), settings.mapping_min_similarity)
     slot = EngineSlot(factory or engine_factory(settings, mapper), settings.mllm_model)
     sites = LabelStudioSites(settings.label_studio_url, settings.label_studio_api_key)
@@ -102,8 +102,8 @@ def build_service(settings: Settings, factory: Callable[[], Engine] | None = Non
         )
         critic_slot = EngineSlot(critic_factory, f"{settings.critic_model} (critic)")
     reviews = ReviewStore(settings.model_dir / "reviews.sqlite3", settings.calibration_min_reviews)
-    versions = VersionStore(settings.model_dir)  # MODEL_DIR/<project>/<version>/
-    predictor = Predictor(settings, slot, loader, prompts, sites, metrics, reviews, mapper, critic_slot, versions)
+    classifiers = ClassifierVersions(settings.model_dir)  # MODEL_DIR/<project>/<version>/
+    predictor = Predictor(settings, slot, loader, prompts, sites, telemetry, reviews, mapper, critic_slot, classifiers)
     jobs = make_queue(settings, lambda: predictor)
     sync = ModelVersionSync(sites, settings.sync_project_model_version)
-    return Service(settings, slot, predictor, sites, sync, metrics, jobs, versions)
+    return Service(settings, slot, predictor, sites, sync, telemetry, jobs, classifiers)

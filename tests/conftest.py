@@ -38,14 +38,14 @@ def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from backend.models.tiny import build_tiny_checkpoint
+    from backend.devtools.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llava", "llava")
 
 
 @pytest.fixture(scope="session")
 def tiny_idefics3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from backend.models.tiny import build_tiny_checkpoint
+    from backend.devtools.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "idefics3", "idefics3")
 

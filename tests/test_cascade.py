@@ -7,13 +7,13 @@ import base64
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from backend.devtools.tiny import build_tiny_checkpoint
 from backend.models.local import TransformersEngine
-from backend.models.tiny import build_tiny_checkpoint
 from backend.server import create_app
 from backend.service import build_service
 from backend.settings import Settings
 from backend.training.classifier import Classifier
-from backend.training.versions import VersionStore
+from backend.training.versions import ClassifierVersions
 from tests.conftest import noise_image, png_bytes
 from tests.test_tagging import CountingEngine
 
@@ -32,7 +32,7 @@ def task(task_id: int) -> dict:
 def model_dir(tmp_path):
     """A current classifier version for project 3's box control (untrained head: it is never very sure)."""
     backbone = build_tiny_checkpoint(tmp_path / "vit", "vit")
-    store = VersionStore(tmp_path / "md")
+    store = ClassifierVersions(tmp_path / "md")
     version, partial = store.begin(3)
     Classifier.build(str(backbone), ["Cat", "Dog"], multi_label=False).save(partial / "label")
     (partial / "metrics.json").write_text("{}")

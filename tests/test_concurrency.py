@@ -19,9 +19,9 @@ import requests
 from redis import Redis
 from rq.job import Job, JobStatus
 
-from backend.labelstudio.devstack import free_port
-from backend.labelstudio.review import PredictedLabel
-from backend.training.versions import VersionStore
+from backend.devtools.devstack import free_port
+from backend.labelstudio.outcomes import PredictedLabel
+from backend.training.versions import ClassifierVersions
 
 REDIS = "redis://127.0.0.1:6379/14"
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_twenty_simultaneous_annotations_leave_exactly_one_pending_training(make
 WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from backend.labelstudio.review import PredictedLabel
+    from backend.labelstudio.outcomes import PredictedLabel
     from backend.reviews import ReviewStore
 
     store = ReviewStore(Path(sys.argv[1]))
@@ -120,9 +120,9 @@ def test_review_webhooks_lose_no_rows_while_another_process_writes_the_same_data
 KILLED_RUN = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from backend.training.versions import VersionStore
+    from backend.training.versions import ClassifierVersions
 
-    version, partial = VersionStore(Path(sys.argv[1])).begin(7)
+    version, partial = ClassifierVersions(Path(sys.argv[1])).begin(7)
     (partial / "weights.bin").write_bytes(b"x" * 1000)
     print(partial, flush=True)
     time.sleep(60)
@@ -138,7 +138,7 @@ def test_a_sigkilled_training_leaves_no_partial_version_behind_the_next_run(tmp_
     assert partial.is_dir()
     elsewhere = tmp_path / "7" / ".partial-otherhost-123-v20260101-000000-abcdef"  # another host's live run
     elsewhere.mkdir()
-    store = VersionStore(tmp_path)
+    store = ClassifierVersions(tmp_path)
     _, mine = store.begin(7)
     assert not partial.exists() and elsewhere.exists() and mine.exists()
     old = time.time() - 7 * 3600

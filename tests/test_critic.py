@@ -9,14 +9,9 @@ import numpy as np
 import pytest
 
 from backend.annotate.critic import judge
-from backend.annotate.suspicion import (
-    Calibrator,
-    Signals,
-    auroc,
-    expected_calibration_error,
-    fuse,
-)
-from backend.labelstudio.review import PredictedLabel, review_outcomes
+from backend.annotate.suspicion import Calibrator, Signals, fuse
+from backend.evaluation.metrics import auroc, expected_calibration_error
+from backend.labelstudio.outcomes import PredictedLabel, review_outcomes
 from backend.prompts import PromptBook
 from backend.review_plan import plan_review
 from backend.settings import PACKAGE_PROMPTS

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from backend.labelstudio.devstack import free_port
+from backend.devtools.devstack import free_port
 from tests.conftest import noise_image, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def worker_pid(master: int) -> int:
 
 @pytest.fixture(scope="module")
 def production_server(tmp_path_factory):
-    from backend.models.tiny import build_tiny_checkpoint
+    from backend.devtools.tiny import build_tiny_checkpoint
 
     workdir = tmp_path_factory.mktemp("load")
     model = build_tiny_checkpoint(workdir / "tiny", "llava")

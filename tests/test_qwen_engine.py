@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from backend.devtools.tiny import _sharpen_lm_head, _text_config, _train_tokenizer
 from backend.models.local import TransformersEngine
-from backend.models.tiny import _sharpen_lm_head, _text_config, _train_tokenizer
 from tests.conftest import noise_image
 
 TEMPLATE = (

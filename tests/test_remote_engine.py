@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import requests
 
+from backend.devtools.tiny import build_tiny_checkpoint
 from backend.models.engine import EngineError, EngineUnavailable
 from backend.models.remote import SMOOTHING, OpenAIEngine, match_answer
-from backend.models.tiny import build_tiny_checkpoint
 from tests.conftest import noise_image, png_bytes
 from tests.loopback import LoopbackServer, Reply, Seen
 

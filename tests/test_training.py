@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from backend.devtools.tiny import build_tiny_checkpoint
 from backend.labelstudio.config import parse_label_config
 from backend.labelstudio.export import labelled_items
-from backend.models.tiny import build_tiny_checkpoint
 from backend.training.classifier import Classifier, TrainingConfig, TrainingData, split_by_task, weighted_loss
-from backend.training.versions import VersionStore
+from backend.training.versions import ClassifierVersions
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (40, 50, 200)}
 LABELS = list(COLOURS)
@@ -128,7 +128,7 @@ def test_exported_tasks_become_reviewed_or_mllm_only_items():
 
 
 def test_versions_switch_atomically_and_a_failed_run_changes_nothing(tmp_path):
-    store = VersionStore(tmp_path)
+    store = ClassifierVersions(tmp_path)
     version, partial = store.begin(7)
     (partial / "metrics.json").write_text('{"accuracy": 0.9}')
     store.commit(7, version, partial)

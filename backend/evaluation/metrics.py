@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from backend.annotate.suspicion import auroc, expected_calibration_error
+from backend.annotate.suspicion import Calibrator
 from backend.labelstudio.export import LabelPair, TagPair
 
 
@@ -105,3 +105,40 @@ def reliability_bins(scores: Sequence[float], correct: Sequence[bool], bins: int
 def text_agreement(texts: Sequence[tuple[str, str]]) -> dict:
     same = [a.strip().casefold() == b.strip().casefold() for a, b in texts]
     return {"pairs": len(texts), "exact_agreement": float(np.mean(same)) if texts else None}
+
+
+def expected_calibration_error(scores: Sequence[float], outcomes: Sequence[bool], bins: int = 10) -> float:
+    """Σ_b (n_b / n) · |mean score_b − accuracy_b| over equal-width score bins."""
+    scores_arr, outcomes_arr = np.asarray(scores, dtype=float), np.asarray(outcomes, dtype=float)
+    if len(scores_arr) == 0:
+        return 0.0
+    which = np.minimum((scores_arr * bins).astype(int), bins - 1)
+    error = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            error += members.mean() * abs(scores_arr[members].mean() - outcomes_arr[members].mean())
+    return float(error)
+
+
+def cross_fitted_ece(scores: Sequence[float], outcomes: Sequence[bool], folds: int = 2) -> float:
+    """ECE of calibrated scores where each half is calibrated by a fit on the other half (no peeking)."""
+    scores_arr, outcomes_arr = np.asarray(scores, dtype=float), np.asarray(outcomes, dtype=bool)
+    order = np.random.default_rng(0).permutation(len(scores_arr))
+    calibrated = np.empty(len(scores_arr))
+    for fold in range(folds):
+        held = order[fold::folds]
+        train = np.setdiff1d(order, held)
+        model = Calibrator().fit(scores_arr[train], outcomes_arr[train])
+        calibrated[held] = [model(s) for s in scores_arr[held]]
+    return expected_calibration_error(calibrated, outcomes_arr)
+
+
+def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    scores_arr, positives_arr = np.asarray(scores, dtype=float), np.asarray(positives, dtype=bool)
+    pos, neg = scores_arr[positives_arr], scores_arr[~positives_arr]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from backend.annotate.suspicion import auroc, expected_calibration_error
+from backend.evaluation.metrics import auroc, expected_calibration_error
 from backend.labelstudio.regions import region_labels
 from backend.shapes.world import CLASSES, REGION_KINDS, WORLD_VERSION, Shape, World, write_world
 

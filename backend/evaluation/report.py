@@ -213,7 +213,7 @@ def run_eval(
     from backend.predictor import model_version as current_version
     from backend.prompts import PromptBook
     from backend.reviews import ReviewStore
-    from backend.training.versions import VersionStore
+    from backend.training.versions import ClassifierVersions
 
     if project is not None:
         from backend.labelstudio.client import connect, project_tasks
@@ -238,7 +238,7 @@ def run_eval(
     if project is not None:
         reviews = ReviewStore(settings.model_dir / "reviews.sqlite3")
         usage, annotator = reviews.usage(project, version), reviews.annotator_task_scores(project, version)
-        classifiers = VersionStore(settings.model_dir).versions(project)
+        classifiers = ClassifierVersions(settings.model_dir).versions(project)
     report = evaluate(comparisons, spec, usage, pricing, annotator, classifiers)
     report["model_version"] = version
     return write_report(report, out)

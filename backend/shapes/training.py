@@ -25,7 +25,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from backend.models.tiny import LLAVA_TEMPLATE
+from backend.devtools.tiny import LLAVA_TEMPLATE
 from backend.prompts import PromptBook, format_labels
 from backend.settings import PACKAGE_PROMPTS
 from backend.shapes.questions import EXTRA, NONE_OF_THESE, PARAPHRASES, Example, examples

@@ -25,7 +25,7 @@ from backend.labelstudio.regions import RegionError, crop_box
 from backend.settings import Settings
 from backend.training.backbone import classifier_backbone
 from backend.training.classifier import Classifier, TrainingConfig, TrainingData
-from backend.training.versions import VersionStore
+from backend.training.versions import ClassifierVersions
 
 log = logging.getLogger(__name__)
 MIN_ITEMS = 4  # fewer labelled items than this for a control: nothing worth training
@@ -103,7 +103,7 @@ def train_project(settings: Settings, project: int, progress: Callable[[float, s
     items = [item for task in tasks for item in labelled_items(task, spec, ours)]
     report(0.05, f"exported {len(tasks)} tasks, {len(items)} labelled items")
     images = _load_images(settings, items)
-    store = VersionStore(settings.model_dir)
+    store = ClassifierVersions(settings.model_dir)
     version, partial = store.begin(project)
     try:
         controls = _train_controls(settings, spec, items, images, partial, report)

@@ -50,7 +50,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class VersionStore:
+class ClassifierVersions:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._loaded: dict[tuple[int, str, str], Classifier] = {}

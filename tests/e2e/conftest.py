@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.labelstudio.devstack import Stack, start_stack
+from backend.devtools.devstack import Stack, start_stack
 from backend.shapes.training import SHIPPED
 
 _STACK: Stack | None = None

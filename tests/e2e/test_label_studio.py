@@ -10,7 +10,7 @@ import pytest
 import requests
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.labelstudio.devstack import (
+from backend.devtools.devstack import (
     Stack,
     add_local_files,
     connect_backend,
@@ -206,8 +206,8 @@ def test_export_holds_our_predictions_and_the_human_annotations(client, stack, b
 
 
 def test_the_demo_project_is_listed_with_predictions_from_our_backend(client, stack):
+    from backend.devtools.devstack import DEMO_SEED, DEMO_TASKS, create_demo_project
     from backend.labelstudio.client import REVIEW_VIEW_TITLE
-    from backend.labelstudio.devstack import DEMO_SEED, DEMO_TASKS, create_demo_project
     from backend.shapes.world import generate_world
 
     project = create_demo_project(client, stack, title="demo (e2e)")

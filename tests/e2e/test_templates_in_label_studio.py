@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import requests
 
+from backend.devtools.devstack import Stack, connect_backend, retrieve_predictions
 from backend.labelstudio.config import parse_label_config
-from backend.labelstudio.devstack import Stack, connect_backend, retrieve_predictions
 from tests.e2e.test_label_studio import backend_version, predictions_of
 from tests.test_templates import SERVED, drawn_task, template
 

@@ -19,8 +19,8 @@ from redis import Redis
 from rq import Queue
 from rq.registry import ScheduledJobRegistry
 
-from backend.labelstudio.devstack import ManagedProcess, Stack, free_port
-from backend.models.tiny import build_tiny_checkpoint
+from backend.devtools.devstack import ManagedProcess, Stack, free_port
+from backend.devtools.tiny import build_tiny_checkpoint
 
 REDIS = "redis://127.0.0.1:6379/14"
 CONFIG = """<View><Image name="image" value="$image"/>

@@ -8,8 +8,8 @@ import time
 
 import requests
 
-from backend.annotate.suspicion import auroc
-from backend.labelstudio.devstack import Stack, connect_backend, retrieve_predictions
+from backend.devtools.devstack import Stack, connect_backend, retrieve_predictions
+from backend.evaluation.metrics import auroc
 from backend.shapes.world import write_world
 
 

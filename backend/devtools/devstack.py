@@ -265,7 +265,7 @@ def run_demo(workdir: Path, port: int, backend_port: int) -> None:
 
     from label_studio_sdk import LabelStudio
 
-    from backend.labelstudio.devstack import ADMIN_EMAIL, create_demo_project, start_stack
+    from backend.devtools.devstack import ADMIN_EMAIL, create_demo_project, start_stack
     from backend.shapes.training import SHIPPED
 
     workdir = workdir.resolve()
