@@ -13,6 +13,7 @@ from backend.annotate.suspicion import Signals
 from backend.controls import HANDLERS, ImageChoices, ImageText, RegionLabels, RegionText
 from backend.controls.base import Asking, Output, Predicted, Question, TaskInput
 from backend.labelstudio.config import ConfigView, ImageField, UnsupportedConfig, parse_label_config
+from backend.labelstudio.export import Comparison
 from tests.test_templates import image_url
 
 RATING = """<View><Image name="image" value="$image"/><Rating name="quality" toName="image" maxRating="3"/></View>"""
@@ -46,6 +47,9 @@ class StarRating:
 
     def training_items(self, task: dict, results: list[dict], reviewed: bool, score: float | None) -> list:
         return []
+
+    def compare(self, task_id: int, predicted: list[dict], human: list[dict], score: float | None) -> Comparison:
+        return Comparison()
 
 
 def test_the_registry_routes_each_control_to_its_handler():

@@ -251,3 +251,12 @@ def test_taxonomy_answers_a_path_for_the_image_and_for_each_region(client):
     assert by_control["kind"]["value"]["taxonomy"][0] in [["Animal", "Cat"], ["Animal", "Dog"], ["Plant"]]
     assert by_control["part"]["id"] == "r1" and by_control["part"]["value"]["x"] == 10
     assert by_control["part"]["value"]["taxonomy"][0] in [["Head"], ["Body", "Leg"]]
+
+
+def test_a_multi_page_region_trains_on_its_own_page():
+    from backend.labelstudio.export import labelled_items
+
+    config = template("multipage-documents")
+    task = drawn_task(config)
+    [item] = labelled_items(task, parse_label_config(config))
+    assert item.image_url == task["data"]["pages"][1] and item.box.item_index == 1

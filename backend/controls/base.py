@@ -21,7 +21,7 @@ from backend.labelstudio.regions import Box, box_result, image_result
 if TYPE_CHECKING:
     from backend.annotate.mapping import LabelMapper
     from backend.labelstudio.config import ConfigView, ImageField
-    from backend.labelstudio.export import LabelledItem
+    from backend.labelstudio.export import Comparison, LabelledItem
     from backend.models.engine import Engine
     from backend.prompts import PromptBook
     from backend.settings import Settings
@@ -146,4 +146,8 @@ class ControlHandler(Protocol):
         self, task: dict, results: list[dict], reviewed: bool, score: float | None
     ) -> list[LabelledItem]:
         """What a task's annotation (``reviewed``) or our prediction teaches the project's classifier."""
+        ...
+
+    def compare(self, task_id: int, predicted: list[dict], human: list[dict], score: float | None) -> Comparison:
+        """Our prediction's results for this control beside the human's (``mllm-backend eval``)."""
         ...

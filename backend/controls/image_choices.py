@@ -21,7 +21,7 @@ from backend.labelstudio.config import (
     is_true,
     number_attr,
 )
-from backend.labelstudio.export import image_items
+from backend.labelstudio.export import Comparison, compare_labels, compare_tags, image_items
 from backend.labelstudio.regions import MODEL_IMAGE_MAX_PIXELS, shrink_to
 
 
@@ -90,6 +90,11 @@ class ImageChoices:
             for i, answer in zip(indices, answers, strict=True):
                 outputs[i] = self._output(questions[i], answer)
         return outputs
+
+    def compare(self, task_id: int, predicted: list[dict], human: list[dict], score: float | None) -> Comparison:
+        if self.multiple:
+            return compare_tags(task_id, self.control, predicted, human, score)
+        return compare_labels(task_id, self.control, predicted, human, whole_image=True)
 
     def training_items(self, task: dict, results: list[dict], reviewed: bool, score: float | None) -> list:
         return image_items(task, self.control, self.image, self.multiple, results, reviewed, score)

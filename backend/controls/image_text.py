@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from backend.annotate.texts import write_texts
 from backend.controls.base import Asking, Output, Question, TaskInput
 from backend.labelstudio.config import ConfigView, ImageField, text_task
+from backend.labelstudio.export import Comparison, compare_texts
 from backend.labelstudio.protocol import TaskError
 from backend.labelstudio.regions import MODEL_IMAGE_MAX_PIXELS, shrink_to
 
@@ -50,6 +51,9 @@ class ImageText:
             return []
         image = shrink_to(task.image(self.image), MODEL_IMAGE_MAX_PIXELS)
         return [Question(task.index, image, text=self._question(task.task) if self.question else None)]
+
+    def compare(self, task_id: int, predicted: list[dict], human: list[dict], score: float | None) -> Comparison:
+        return compare_texts(self.control, predicted, human, whole_image=True)
 
     def training_items(self, task: dict, results: list[dict], reviewed: bool, score: float | None) -> list:
         return []  # text trains no classifier

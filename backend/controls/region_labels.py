@@ -13,7 +13,7 @@ from backend.annotate.choice import Choice
 from backend.annotate.suspicion import Signals
 from backend.controls.base import Asking, Output, Predicted, Question, TaskInput
 from backend.labelstudio.config import LABELLED_SHAPES, ConfigView, ImageField, LabelSet, is_true
-from backend.labelstudio.export import region_items
+from backend.labelstudio.export import Comparison, compare_labels, region_items
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,9 @@ class RegionLabels:
                 region_label=choice.label,
             ))  # fmt: skip
         return outputs
+
+    def compare(self, task_id: int, predicted: list[dict], human: list[dict], score: float | None) -> Comparison:
+        return compare_labels(task_id, self.control, predicted, human, whole_image=False)
 
     def training_items(self, task: dict, results: list[dict], reviewed: bool, score: float | None) -> list:
         return region_items(task, self.control, self.image, results, reviewed, score)

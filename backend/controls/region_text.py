@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 from backend.annotate.boxes import name_crops, read_crops
 from backend.controls.base import Asking, Output, Question, TaskInput
 from backend.labelstudio.config import ConfigView, ImageField, is_true, text_task
+from backend.labelstudio.export import Comparison, compare_texts
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class RegionText:
     def questions(self, task: TaskInput) -> list[Question]:
         mine = [d for d in task.regions if d.box.from_name in self.region_controls and d.box.to_name == self.image.name]
         return [Question(task.index, drawn.crop, drawn) for drawn in mine]
+
+    def compare(self, task_id: int, predicted: list[dict], human: list[dict], score: float | None) -> Comparison:
+        return compare_texts(self.control, predicted, human, whole_image=False)
 
     def training_items(self, task: dict, results: list[dict], reviewed: bool, score: float | None) -> list:
         return []  # text trains no classifier

@@ -118,31 +118,66 @@ def compare_task(task: dict[str, Any], spec: ProjectSpec, model_version: str | N
     task_id = int(task["id"])
     predicted = [r for r in prediction.get("result") or [] if isinstance(r, dict)]
     human = [r for r in annotation.get("result") or [] if isinstance(r, dict)]
+    found = [handler.compare(task_id, predicted, human, prediction.get("score")) for handler in spec.handlers]
+    return TaskComparison(
+        task_id,
+        prediction.get("score"),
+        tuple(pair for part in found for pair in part.labels),
+        tuple(pair for part in found for pair in part.tags),
+        tuple(pair for part in found for pair in part.texts),
+    )
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What one control's prediction and the human's answer say of each other in one task."""
+
+    labels: tuple[LabelPair, ...] = ()
+    tags: tuple[TagPair, ...] = ()
+    texts: tuple[tuple[str, str], ...] = ()
+
+
+def compare_labels(task_id: int, control: str, predicted: list[dict], human: list[dict], whole_image: bool
+                   ) -> Comparison:  # fmt: skip
+    """Each label ``control`` predicted beside the human's for the same region (or, whole-image, the control)."""
     by_id = {(str(r.get("id")), r.get("from_name")): r for r in human}
-    labels, tags, texts = [], [], []
-    label_controls = {t.control for t in spec.region_labels} | {t.control for t in spec.image_choices if not t.multiple}
-    for region in predicted:
-        control, values = region.get("from_name"), region_labels(region)
-        if control in label_controls and values:
-            mine = by_id.get((str(region.get("id")), control))
-            if mine is None and not on_region(region):  # a whole-image choice: any region of it
-                mine = next((r for r in human if r.get("from_name") == control), None)
-            answer = region_labels(mine)
-            labels.append(LabelPair(task_id, control, str(region.get("id")), values[0],
-                                    answer[0] if answer else None, region.get("score")))  # fmt: skip
-        elif region.get("type") == "textarea":
-            mine = by_id.get((str(region.get("id")), control))
-            if mine is not None and (mine.get("value") or {}).get("text"):
-                texts.append((str(region["value"]["text"][0]), str(mine["value"]["text"][0])))
-    for target in spec.image_choices:
-        if not target.multiple:
+    pairs = []
+    for result in predicted:
+        values = region_labels(result)
+        if result.get("from_name") != control or not values:
             continue
-        mine_predicted = [r for r in predicted if r.get("from_name") == target.control]
-        mine_human = [r for r in human if r.get("from_name") == target.control]
-        tags.append(TagPair(
-            task_id, target.control,
-            frozenset(label for r in mine_predicted for label in region_labels(r)),
-            frozenset(label for r in mine_human for label in region_labels(r)),
-            mine_predicted[0].get("score") if mine_predicted else prediction.get("score"),
-        ))  # fmt: skip
-    return TaskComparison(task_id, prediction.get("score"), tuple(labels), tuple(tags), tuple(texts))
+        mine = by_id.get((str(result.get("id")), control))
+        if mine is None and whole_image:  # the human's result for the control, whatever its id
+            mine = next((r for r in human if r.get("from_name") == control), None)
+        answer = region_labels(mine)
+        pairs.append(LabelPair(task_id, control, str(result.get("id")), values[0], answer[0] if answer else None,
+                               result.get("score")))  # fmt: skip
+    return Comparison(labels=tuple(pairs))
+
+
+def compare_tags(task_id: int, control: str, predicted: list[dict], human: list[dict], score: float | None
+                 ) -> Comparison:  # fmt: skip
+    """The tags ``control`` predicted beside the human's (none is an answer too)."""
+    mine_predicted = [r for r in predicted if r.get("from_name") == control]
+    mine_human = [r for r in human if r.get("from_name") == control]
+    return Comparison(tags=(TagPair(
+        task_id, control,
+        frozenset(label for r in mine_predicted for label in region_labels(r)),
+        frozenset(label for r in mine_human for label in region_labels(r)),
+        mine_predicted[0].get("score") if mine_predicted else score,
+    ),))  # fmt: skip
+
+
+def compare_texts(control: str, predicted: list[dict], human: list[dict], whole_image: bool) -> Comparison:
+    """Each text ``control`` predicted beside the human's text for the same region (or the whole image)."""
+    by_id = {(str(r.get("id")), r.get("from_name")): r for r in human}
+    pairs = []
+    for result in predicted:
+        if result.get("from_name") != control or result.get("type") != "textarea":
+            continue
+        mine = by_id.get((str(result.get("id")), control))
+        if mine is None and whole_image:
+            mine = next((r for r in human if r.get("from_name") == control), None)
+        if mine is not None and (mine.get("value") or {}).get("text"):
+            pairs.append((str(result["value"]["text"][0]), str(mine["value"]["text"][0])))
+    return Comparison(texts=tuple(pairs))

@@ -43,13 +43,13 @@ def training_config(settings: Settings) -> TrainingConfig:
 
 
 def build_data(
-    items: Sequence[LabelledItem], images: dict[int, Image.Image], labels: Sequence[str], multi_label: bool,
+    items: Sequence[LabelledItem], images: dict[str, Image.Image], labels: Sequence[str], multi_label: bool,
     padding: float = 0.0, min_side: int = 1,
 ) -> TrainingData:  # fmt: skip
     """Crops (or whole images) with targets and noise-aware weights; items whose pixels fail are left out."""
     kept, pixels = [], []
     for item in items:
-        image = images.get(item.task)
+        image = images.get(item.image_url)
         if image is None:
             continue
         try:
@@ -142,17 +142,18 @@ def _train_controls(settings, spec: ProjectSpec, items, images, partial: Path, r
     return results
 
 
-def _load_images(settings: Settings, items: Sequence[LabelledItem]) -> dict[int, Image.Image]:
+def _load_images(settings: Settings, items: Sequence[LabelledItem]) -> dict[str, Image.Image]:
+    """Each image the items come from, read once (a multi-page task has one per page)."""
     from backend.service import image_loader
 
     loader = image_loader(settings, cache=False)  # every image is read once per run
     site = LabelStudioSites(settings.label_studio_url, settings.label_studio_api_key).for_project(None)
-    images: dict[int, Image.Image] = {}
+    images: dict[str, Image.Image] = {}
     for item in items:
-        if item.task in images:
+        if item.image_url in images:
             continue
         try:
-            images[item.task] = loader.load(item.image_url, site, item.task)
+            images[item.image_url] = loader.load(item.image_url, site, item.task)
         except MediaError as exc:
             log.warning("task %s left out of training: %s", item.task, exc)
     return images
