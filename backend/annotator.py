@@ -72,7 +72,6 @@ class Annotator:
             from backend.service import engine_factory
 
             engine = engine_factory(self.settings, mapper)()
-        self.engine = engine
         critic = None
         if self.settings.critic and self.settings.critic_model:
             from backend.service import engine_factory
@@ -95,19 +94,28 @@ class Annotator:
             classifiers,
         )
 
+    @classmethod
+    def serving(cls, predictor: Predictor) -> Annotator:
+        """The annotator of a running service (``mllm-backend serve``, the queue's workers): its predictor, with
+        the model loading in the background, the project's calibration and classifiers, and its telemetry."""
+        annotator = cls.__new__(cls)
+        annotator.settings, annotator._predictor = predictor.settings, predictor
+        return annotator
+
     @property
     def model_version(self) -> str:
         """What every prediction is stamped with: changes with the model, the prompts and the scoring settings."""
         return self._predictor.model_version()
 
     def predict(
-        self, tasks: list[dict[str, Any]], label_config: str, *, project: int | None = None, context: dict | None = None
+        self, tasks: list[Any], label_config: object, *, project: int | str | None = None, context: dict | None = None
     ) -> list[dict | list]:
         """One prediction per task, in order, exactly as ``/predict`` answers it.
 
         Each is ``{"model_version", "score", "score_meaning", "result": [...]}``; a task that
         cannot be annotated gets ``{"model_version", "error": "..."}`` and never stops the others;
-        ``[]`` means there was nothing to annotate (no regions drawn yet). ``project`` selects the
-        calibration and classifier of that project when ``reviews``/``classifiers`` were given.
+        ``[]`` means there was nothing to annotate (no regions drawn yet). ``project`` (a Label
+        Studio project id, or the "<id>.<timestamp>" Label Studio sends) selects the calibration and
+        classifier of that project when ``reviews``/``classifiers`` were given.
         """
         return self._predictor.predict(tasks, label_config, None if project is None else str(project), context)

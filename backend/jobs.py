@@ -50,7 +50,7 @@ _services: dict[str, Any] = {}
 
 
 def _service(settings: Settings):
-    """The worker's predictor (model loaded once per worker process, on its first pre-annotation)."""
+    """The worker's service (model loaded once per worker process, on its first pre-annotation)."""
     from backend.service import build_service
 
     if "service" not in _services:
@@ -67,7 +67,7 @@ def run_training(settings: Settings, project: int, report: Reporter) -> dict:
 def run_preannotation(settings: Settings, project: int, task_ids: list[int] | None, report: Reporter) -> dict:
     from backend.preannotate import preannotate_project
 
-    return preannotate_project(settings, _service(settings).predictor, project, task_ids, report)
+    return preannotate_project(settings, _service(settings).annotator, project, task_ids, report)
 
 
 def _rq_reporter() -> Reporter:
@@ -286,9 +286,9 @@ class LocalJobs:
 
     kind = "in-process"
 
-    def __init__(self, settings: Settings, predictor_factory: Callable[[], Any] | None = None) -> None:
+    def __init__(self, settings: Settings, annotator_factory: Callable[[], Any] | None = None) -> None:
         self.settings = settings
-        self._predictor_factory = predictor_factory
+        self._annotator_factory = annotator_factory
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobs")
         self._jobs: dict[str, dict[str, Any]] = {}
         self._pending: dict[int, tuple[str, threading.Timer | None]] = {}
@@ -356,9 +356,9 @@ class LocalJobs:
     def _preannotate(self, project: int, task_ids: list[int] | None, report: Reporter) -> dict:
         from backend.preannotate import preannotate_project
 
-        if self._predictor_factory is None:
-            raise RuntimeError("no predictor to pre-annotate with")
-        return preannotate_project(self.settings, self._predictor_factory(), project, task_ids, report)
+        if self._annotator_factory is None:
+            raise RuntimeError("no annotator to pre-annotate with")
+        return preannotate_project(self.settings, self._annotator_factory(), project, task_ids, report)
 
     def _run(self, job_id: str, work: Callable[[Reporter], dict]) -> None:
         job = self._jobs[job_id]
@@ -381,8 +381,8 @@ class LocalJobs:
         return [job_id for job_id, job in reversed(self._jobs.items()) if job["project"] == project][:20]
 
 
-def make_queue(settings: Settings, predictor_factory: Callable[[], Any] | None = None) -> RedisJobs | LocalJobs:
-    return RedisJobs(settings) if settings.redis_url else LocalJobs(settings, predictor_factory)
+def make_queue(settings: Settings, annotator_factory: Callable[[], Any] | None = None) -> RedisJobs | LocalJobs:
+    return RedisJobs(settings) if settings.redis_url else LocalJobs(settings, annotator_factory)
 
 
 def run_worker(settings: Settings) -> None:

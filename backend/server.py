@@ -169,7 +169,9 @@ def create_app(service: Service) -> Flask:
             )  # fmt: skip
         try:
             with deadline(settings.predict_deadline_seconds):
-                results = predictor.predict(asked.tasks, asked.label_config, asked.project, asked.context)
+                results = service.annotator.predict(
+                    asked.tasks, asked.label_config, project=asked.project, context=asked.context
+                )
         finally:
             admission.release()
         version = predictor.model_version()

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from backend.annotate.mapping import LabelMapper
+from backend.annotator import Annotator
 from backend.jobs import LocalJobs, RedisJobs, make_queue
 from backend.labelstudio.client import LabelStudioSites, ModelVersionSync
 from backend.labelstudio.media import ImageLoader, MediaLimits
@@ -25,6 +26,7 @@ class Service:
     settings: Settings
     slot: EngineSlot
     predictor: Predictor
+    annotator: Annotator  # the Python API over ``predictor``: what /predict and pre-annotation call
     sites: LabelStudioSites
     version_sync: ModelVersionSync
     telemetry: Telemetry
@@ -104,6 +106,7 @@ def build_service(settings: Settings, factory: Callable[[], Engine] | None = Non
     reviews = ReviewStore(settings.model_dir / "reviews.sqlite3", settings.calibration_min_reviews)
     classifiers = ClassifierVersions(settings.model_dir)  # MODEL_DIR/<project>/<version>/
     predictor = Predictor(settings, slot, loader, prompts, sites, telemetry, reviews, mapper, critic_slot, classifiers)
-    jobs = make_queue(settings, lambda: predictor)
+    annotator = Annotator.serving(predictor)
+    jobs = make_queue(settings, lambda: annotator)
     sync = ModelVersionSync(sites, settings.sync_project_model_version)
-    return Service(settings, slot, predictor, sites, sync, telemetry, jobs, classifiers)
+    return Service(settings, slot, predictor, annotator, sites, sync, telemetry, jobs, classifiers)
