@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     shapes = commands.add_parser(
         "shapes-model", help="write the trained shapes model (a LLaVA-architecture checkpoint) to DIR",
         description="Copies the shipped checkpoint, trained on the shapes world; --train trains it again from its "
-        "seeds (about 12 minutes on 2 CPU cores; `torch` draws differ across machines, so the figures match in range).",
+        "seeds (about 20 minutes on 2 CPU cores; `torch` draws differ across machines, so the figures match in range).",
     )  # fmt: skip
     shapes.add_argument("dir", type=Path, help="output folder")
     shapes.add_argument("--train", action="store_true", help="train from scratch instead of copying")

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from backend.labelstudio.regions import Box, crop_box
+from backend.labelstudio.regions import Box, box_from_region, crop_box
 from backend.prompts import PromptBook, format_labels
 from backend.settings import PACKAGE_PROMPTS
-from backend.shapes.world import CLASSES, DEFINITIONS, GROUPS, Scene, Shape
+from backend.shapes.world import CLASSES, DEFINITIONS, GROUPS, REGION_KINDS, Scene, Shape
 
 YES, NO, NONE_OF_THESE = "yes", "no", "none of these"
 CONFUSABLE = {"circle": "ellipse", "ellipse": "circle", "square": "rectangle", "rectangle": "square",
@@ -129,6 +129,21 @@ def crop_of(image: Image.Image, scene: Scene, shape: Shape) -> Image.Image:
     return crop_box(image, box, 0.0, BOX_MIN_SIDE)
 
 
+REGION_STYLES = ("box", "polygons", "ellipses", "keypoints", "masks")
+REGION_STYLE_SHARES = (0.6, 0.12, 0.08, 0.1, 0.1)  # how a person drew the region a crop question is about
+
+
+def region_crop(image: Image.Image, scene: Scene, shape: Shape, style: str = "box") -> Image.Image:
+    """The crop the backend makes of ``shape`` drawn as ``style``: an upright box cut, or a polygon's, ellipse's,
+    keypoint's or mask's extent (a rotated shape stays rotated in it), read by the backend's own region code."""
+    if style == "box":
+        return crop_of(image, scene, shape)
+    tag, value = REGION_KINDS[style]
+    region = {"id": shape.id, "type": tag.lower(), "original_width": scene.width, "original_height": scene.height,
+              "value": value(shape, scene.width, scene.height)}  # fmt: skip
+    return crop_box(image, box_from_region(region), 0.0, BOX_MIN_SIDE)
+
+
 def _group(rng: np.random.Generator, scene: Scene) -> list[str]:
     if rng.random() < 0.7:
         return _shuffled(rng, list(GROUPS[str(rng.choice(list(GROUPS)))]))
@@ -152,7 +167,8 @@ def example(
     text_first = bool(rng.random() < 0.15)
     shape = scene.shapes[int(rng.integers(len(scene.shapes)))]
     if kind in {"box_label", "critic", "label_wrong", "x_or_y", "box_fine_label", "fine_unlabelled"}:
-        crop, truth = crop_of(image, scene, shape), shape.cls
+        style = REGION_STYLES[int(rng.choice(len(REGION_STYLES), p=REGION_STYLE_SHARES))]
+        crop, truth = region_crop(image, scene, shape, style), shape.cls
         if kind == "box_label":
             return Example(crop, _fill(template, labels=format_labels(_label_list(rng, truth))), truth, text_first)
         if kind in {"critic", "label_wrong"}:

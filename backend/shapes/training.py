@@ -122,7 +122,7 @@ def pretrain_vision(model, processor, scenes, *, steps: int, seed: int, log: Log
     the language model's answers stalls for thousands of steps; stage 2 then teaches the decoder to read it.
     The features are the ones LLaVA reads: the last hidden state without the class token, mean-pooled here.
     """
-    from backend.shapes.questions import crop_of
+    from backend.shapes.questions import region_crop
 
     tower = model.model.vision_tower
     width = tower.config.hidden_size
@@ -130,10 +130,12 @@ def pretrain_vision(model, processor, scenes, *, steps: int, seed: int, log: Log
     heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, size) for name, size in sizes.items()})
     crops, targets, scenes_px, tags = [], [], [], []
     for scene, image in scenes:
-        for shape in scene.shapes:
-            crops.append(crop_of(image, scene, shape))
-            targets.append((CLASSES.index(shape.cls), list(COLOURS).index(shape.colour),
-                            TEXTURES.index(shape.texture)))  # fmt: skip
+        for shape in scene.shapes:  # as a box, and as the backend crops a traced outline (rotated) and a keypoint
+            styles = ("box", "polygons", "keypoints") if shape.rotation else ("box", "keypoints")
+            for style in styles:
+                crops.append(region_crop(image, scene, shape, style))
+                targets.append((CLASSES.index(shape.cls), list(COLOURS).index(shape.colour),
+                                TEXTURES.index(shape.texture)))  # fmt: skip
         scenes_px.append(image)
         tags.append([float(c in scene.tags) for c in CLASSES])
     crop_px = processor.image_processor(images=crops, return_tensors="pt")["pixel_values"]
