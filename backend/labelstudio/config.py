@@ -17,6 +17,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from backend.labelstudio.protocol import TaskError, json_type
 
 if TYPE_CHECKING:
+    from backend.controls import ImageChoices, ImageText, RegionLabels, RegionText
     from backend.controls.base import ControlHandler
 
 SUPPORTED = (
@@ -114,22 +115,24 @@ class ProjectSpec:
     ignored: tuple[str, ...]  # controls present but not annotated by this backend, for logs
 
     def _of(self, kind: str) -> tuple[Any, ...]:
-        return tuple(h for h in self.handlers if type(h).__name__ == kind)
+        import backend.controls as controls  # the handlers read this module's vocabulary
+
+        return tuple(h for h in self.handlers if isinstance(h, getattr(controls, kind)))
 
     @property
-    def region_labels(self) -> tuple[Any, ...]:
+    def region_labels(self) -> tuple[RegionLabels, ...]:
         return self._of("RegionLabels")
 
     @property
-    def region_texts(self) -> tuple[Any, ...]:
+    def region_texts(self) -> tuple[RegionText, ...]:
         return self._of("RegionText")
 
     @property
-    def image_choices(self) -> tuple[Any, ...]:
+    def image_choices(self) -> tuple[ImageChoices, ...]:
         return self._of("ImageChoices")
 
     @property
-    def image_texts(self) -> tuple[Any, ...]:
+    def image_texts(self) -> tuple[ImageText, ...]:
         return self._of("ImageText")
 
     @property
