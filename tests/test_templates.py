@@ -128,7 +128,10 @@ def test_a_keypoint_crop_is_a_square_around_the_point():
         ({"points": []}, "points"),
         ({"points": [[1, "x"]]}, "not a number"),
         ({"format": "rle", "rle": [1, 2, 300]}, "not a byte"),
-        ({"format": "rle", "rle": [0, 0, 0, 1]}, "unreadable|decodes to"),
+        ({"format": "rle", "rle": [0, 0, 0, 1]}, "declares 1 values"),
+        ({"format": "rle", "rle": [255, 255, 255, 255, 0]}, "declares 4294967295 values"),  # never allocated
+        ({"format": "rle", "rle": [0] * 1_000_001}, "over 1000000"),
+        ({"format": "rle", "rle": brush_rle(8, 12, 40, 30)[:6]}, "unreadable|decodes to"),
         ({"format": "rle", "rle": brush_rle(0, 0, 0, 0)}, "empty mask"),
     ],
 )

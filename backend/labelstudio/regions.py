@@ -29,6 +29,7 @@ _SHAPE_TYPES = {*SHAPES, *(f"{shape}labels" for shape in SHAPES), "labels"}  # "
 _LABEL_KEYS = (*(f"{shape}labels" for shape in SHAPES), "labels", "choices", "taxonomy")
 KEYPOINT_CONTEXT = 0.1  # a keypoint's crop: this share of the image's shorter side, centred on the point
 MAX_MASK_PIXELS = 50_000_000  # a brush mask larger than this is not decoded (4 bytes a pixel)
+MAX_RLE_BYTES = 1_000_000  # label-studio-sdk decodes bit by bit in Python: this bounds its time (seconds)
 MAX_POINTS = 10_000
 MAX_PERCENT = 1000.0  # a box reaching ten image-widths away is not a region of this image
 MODEL_IMAGE_MAX_PIXELS = 2048 * 2048  # more than most processors take in; larger crops and images shrink to it
@@ -184,8 +185,13 @@ def decode_mask(rle: list, width: int, height: int, what: str = "mask") -> np.nd
     """A Label Studio brush RLE → its painted-ness (the RGBA alpha channel), shape (height, width)."""
     from label_studio_sdk.converter.brush import decode_rle
 
+    if len(rle) > MAX_RLE_BYTES:
+        raise RegionError(f"{what} has an rle of {len(rle)} bytes, over {MAX_RLE_BYTES}")
     if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in rle):
         raise RegionError(f"{what} has an rle entry that is not a byte (0-255)")
+    declared = int.from_bytes(bytes(rle[:4]), "big")  # the value count the decoder allocates before reading on
+    if declared != width * height * 4:
+        raise RegionError(f"{what} declares {declared} values, not {width}x{height}x4 (RGBA)")
     try:
         flat = decode_rle(rle)
     except Exception as exc:  # a truncated or forged bit stream
