@@ -35,7 +35,14 @@ from backend.labelstudio.config import ImageField, ProjectSpec, check_label_coun
 from backend.labelstudio.media import ImageLoader, MediaError
 from backend.labelstudio.outcomes import PredictedLabel
 from backend.labelstudio.protocol import TaskError, json_type, label_studio_id, project_id
-from backend.labelstudio.regions import RegionError, box_from_region, box_label, crop_box
+from backend.labelstudio.regions import (
+    MODEL_IMAGE_MAX_PIXELS,
+    RegionError,
+    box_from_region,
+    box_label,
+    crop_box,
+    shrink_to,
+)
 from backend.labelstudio.tasks import user_regions
 from backend.models.engine import Engine, EngineUnavailable
 from backend.models.slot import EngineSlot
@@ -306,8 +313,15 @@ class Predictor:
                             self.settings.box_min_side)  # fmt: skip
             drawn.append(Drawn(box, crop, box_label(region)))
             self._check_held([d.crop for d in drawn])
+        shown: dict[str, Image.Image] = {}
+
+        def whole(field_: ImageField) -> Image.Image:  # as the model sees a whole image: one copy for every handler
+            if field_.name not in shown:
+                shown[field_.name] = shrink_to(image(field_), MODEL_IMAGE_MAX_PIXELS)
+            return shown[field_.name]
+
         interactive = bool(context and context.get("result"))  # label only the region just drawn
-        given = TaskInput(index, task, tuple(drawn), image, whole_image=not interactive)
+        given = TaskInput(index, task, tuple(drawn), whole, whole_image=not interactive)
         prepared = _Prepared(index)
         for handler in spec.handlers:
             prepared.questions += [(handler, question) for question in handler.questions(given)]

@@ -44,8 +44,12 @@ class TaskInput:
     index: int
     task: dict[str, Any]
     regions: tuple[Drawn, ...]
-    image: Callable[[ImageField], Image.Image]  # the whole image, loaded once per task
+    image: Callable[[ImageField], Image.Image]  # the whole image as the model sees it (shrunk), made once per task
     whole_image: bool  # False in an interactive request: only the region just drawn is labelled
+
+    def drawn_with(self, controls: Sequence[str], image: ImageField) -> list[Drawn]:
+        """The regions drawn on ``image`` with one of ``controls``."""
+        return [d for d in self.regions if d.box.from_name in controls and d.box.to_name == image.name]
 
 
 @dataclass(frozen=True)

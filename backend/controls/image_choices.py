@@ -22,7 +22,6 @@ from backend.labelstudio.config import (
     number_attr,
 )
 from backend.labelstudio.export import Comparison, compare_labels, compare_tags, image_items
-from backend.labelstudio.regions import MODEL_IMAGE_MAX_PIXELS, shrink_to
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ class ImageChoices:
     def questions(self, task: TaskInput) -> list[Question]:
         if not task.whole_image:
             return []
-        image = shrink_to(task.image(self.image), MODEL_IMAGE_MAX_PIXELS)
+        image = task.image(self.image)
         return [Question(task.index, image, labels=self.source.of(task.task))]
 
     def answer(self, asking: Asking, questions: Sequence[Question]) -> list[Output | None]:

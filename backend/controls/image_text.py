@@ -12,7 +12,6 @@ from backend.controls.base import Asking, Output, Question, TaskInput
 from backend.labelstudio.config import ConfigView, ImageField, text_task
 from backend.labelstudio.export import Comparison, compare_texts
 from backend.labelstudio.protocol import TaskError
-from backend.labelstudio.regions import MODEL_IMAGE_MAX_PIXELS, shrink_to
 
 MAX_QUESTION_CHARS = 2000
 
@@ -49,7 +48,7 @@ class ImageText:
     def questions(self, task: TaskInput) -> list[Question]:
         if not task.whole_image:
             return []
-        image = shrink_to(task.image(self.image), MODEL_IMAGE_MAX_PIXELS)
+        image = task.image(self.image)
         return [Question(task.index, image, text=self._question(task.task) if self.question else None)]
 
     def compare(self, task_id: int, predicted: list[dict], human: list[dict], score: float | None) -> Comparison:

@@ -53,7 +53,7 @@ class RegionLabels:
         return cls(control.name, image, label_set.labels, result_type, drawn, label_set.dynamic)
 
     def questions(self, task: TaskInput) -> list[Question]:
-        mine = [d for d in task.regions if d.box.from_name in self.region_controls and d.box.to_name == self.image.name]
+        mine = task.drawn_with(self.region_controls, self.image)
         if not mine:
             return []
         labels = self.source.of(task.task)

@@ -37,7 +37,7 @@ class RegionText:
         return cls(control.name, image, view.region_controls(image), text_task(control), view.region_labels(image))
 
     def questions(self, task: TaskInput) -> list[Question]:
-        mine = [d for d in task.regions if d.box.from_name in self.region_controls and d.box.to_name == self.image.name]
+        mine = task.drawn_with(self.region_controls, self.image)
         return [Question(task.index, drawn.crop, drawn) for drawn in mine]
 
     def compare(self, task_id: int, predicted: list[dict], human: list[dict], score: float | None) -> Comparison:

@@ -12,8 +12,8 @@ def user_regions(task: dict[str, Any], context: dict[str, Any] | None) -> list[d
     """The drawn regions (of any shape) to label for this task.
 
     Interactive requests carry the region the user just drew in ``context["result"]``: only
-    those are labelled. Otherwise the boxes of the most recently updated draft or
-    submitted (not cancelled) annotation are labelled — one person's set of boxes,
+    those are labelled. Otherwise the regions of the most recently updated draft or
+    submitted (not cancelled) annotation are labelled — one person's set of regions,
     so two annotators' copies of the same object do not become two predictions.
     """
     if context and isinstance(context.get("result"), list) and context["result"]:
