@@ -321,7 +321,7 @@ class Predictor:
             return shown[field_.name]
 
         interactive = bool(context and context.get("result"))  # label only the region just drawn
-        given = TaskInput(index, task, tuple(drawn), whole, whole_image=not interactive)
+        given = TaskInput(index, task, tuple(drawn), whole, not interactive, self.settings.max_labels)
         prepared = _Prepared(index)
         for handler in spec.handlers:
             prepared.questions += [(handler, question) for question in handler.questions(given)]

@@ -202,6 +202,9 @@ def test_labels_read_from_task_data_are_the_ones_chosen_from(client):
     del task["data"]["objects"]
     response = client.post("/predict", json={"tasks": [task], "label_config": config, "project": "1"})
     assert "no label list under 'objects'" in response.get_json()["results"][0]["error"]
+    task["data"]["objects"] = [{"value": f"thing {i}"} for i in range(1001)]  # past the default MAX_LABELS
+    response = client.post("/predict", json={"tasks": [task], "label_config": config, "project": "1"})
+    assert "1001 labels under 'objects', over MAX_LABELS=1000" in response.get_json()["results"][0]["error"]
 
 
 def test_a_refused_config_says_why_in_the_status_line(client):

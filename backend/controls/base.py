@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from PIL import Image
 
 from backend.annotate.suspicion import Signals
+from backend.labelstudio.protocol import TaskError
 from backend.labelstudio.regions import Box, box_result, image_result
 
 if TYPE_CHECKING:
     from backend.annotate.mapping import LabelMapper
-    from backend.labelstudio.config import ConfigView, ImageField
+    from backend.labelstudio.config import ConfigView, ImageField, LabelSet
     from backend.labelstudio.export import Comparison, LabelledItem
     from backend.models.engine import Engine
     from backend.prompts import PromptBook
@@ -46,6 +47,15 @@ class TaskInput:
     regions: tuple[Drawn, ...]
     image: Callable[[ImageField], Image.Image]  # the whole image as the model sees it (shrunk), made once per task
     whole_image: bool  # False in an interactive request: only the region just drawn is labelled
+    max_labels: int  # MAX_LABELS: the most labels a question may score, whether the config or the task gives them
+
+    def labels_of(self, source: LabelSet) -> tuple[str, ...]:
+        """``source``'s labels for this task, refused past ``max_labels`` (a task's data can list any number)."""
+        labels = source.of(self.task)
+        if len(labels) > self.max_labels:
+            raise TaskError(f"the task's data holds {len(labels)} labels under {source.data_key!r}, over "
+                            f"MAX_LABELS={self.max_labels}")  # fmt: skip
+        return labels
 
     def drawn_with(self, controls: Sequence[str], image: ImageField) -> list[Drawn]:
         """The regions drawn on ``image`` with one of ``controls``."""

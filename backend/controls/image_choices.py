@@ -79,7 +79,7 @@ class ImageChoices:
         if not task.whole_image:
             return []
         image = task.image(self.image)
-        return [Question(task.index, image, labels=self.source.of(task.task))]
+        return [Question(task.index, image, labels=task.labels_of(self.source))]
 
     def answer(self, asking: Asking, questions: Sequence[Question]) -> list[Output | None]:
         outputs: list[Output | None] = [None] * len(questions)

@@ -56,7 +56,7 @@ class RegionLabels:
         mine = task.drawn_with(self.region_controls, self.image)
         if not mine:
             return []
-        labels = self.source.of(task.task)
+        labels = task.labels_of(self.source)
         return [Question(task.index, drawn.crop, drawn, labels) for drawn in mine]
 
     def answer(self, asking: Asking, questions: Sequence[Question]) -> list[Output | None]:
