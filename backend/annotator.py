@@ -22,7 +22,7 @@ from backend.labelstudio.client import LabelStudioSites
 from backend.models.engine import Engine
 from backend.models.slot import EngineSlot
 from backend.models.text_encoder import SentenceEncoder
-from backend.predictor import Predictor
+from backend.predictor import Answer, Predictor
 from backend.prompts import PromptBook
 from backend.reviews import ReviewStore
 from backend.settings import Settings
@@ -119,3 +119,10 @@ class Annotator:
         classifier of that project when ``reviews``/``classifiers`` were given.
         """
         return self._predictor.predict(tasks, label_config, None if project is None else str(project), context)
+
+    def answer(
+        self, tasks: list[Any], label_config: object, *, project: int | str | None = None, context: dict | None = None
+    ) -> Answer:
+        """:meth:`predict`, plus the positions of the tasks a deadline (``backend.deadline``, set by the server)
+        left unpredicted: the server hands those to background pre-annotation."""
+        return self._predictor.answer(tasks, label_config, None if project is None else str(project), context)

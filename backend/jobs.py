@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from functools import partial
 from typing import Any, Protocol
 
 from backend.settings import Settings
@@ -37,7 +38,7 @@ class QueueUnavailable(RuntimeError):
 class JobQueue(Protocol):
     kind: str
 
-    def annotation_event(self, project: int) -> str | None: ...
+    def annotation_event(self, project: int, count: int = 1) -> str | None: ...
     def train_now(self, project: int) -> str: ...
     def problem(self) -> str | None: ...
     def preannotate(self, project: int, task_ids: list[int] | None = None) -> str: ...
@@ -156,8 +157,9 @@ class RedisJobs:
         except RedisError as exc:
             raise QueueUnavailable(f"the job queue (Redis) is unreachable: {type(exc).__name__}") from None
 
-    def annotation_event(self, project: int) -> str | None:
-        return self._guard(lambda: self._decide(project, self._after_annotation))
+    def annotation_event(self, project: int, count: int = 1) -> str | None:
+        """``count`` annotations changed in ``project``: schedule (or join, or hasten) its training."""
+        return self._guard(lambda: self._decide(project, partial(self._after_annotation, count=count)))
 
     def train_now(self, project: int) -> str:
         return self._guard(lambda: self._decide(project, self._at_once))
@@ -174,9 +176,8 @@ class RedisJobs:
             live = status in {JobStatus.SCHEDULED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.STARTED}
             return decision(project, pending if live else "", status == JobStatus.SCHEDULED)
 
-    def _after_annotation(self, project: int, pending: str, scheduled: bool) -> str:
-        count = self.redis.incr(self._count_key(project))
-        enough = count >= self.settings.train_after_annotations
+    def _after_annotation(self, project: int, pending: str, scheduled: bool, count: int = 1) -> str:
+        enough = self.redis.incrby(self._count_key(project), count) >= self.settings.train_after_annotations
         if not pending:
             return self._enqueue_training(project, 0.0 if enough else self.settings.train_debounce_seconds)
         if enough and scheduled:
@@ -225,11 +226,15 @@ class RedisJobs:
     def problem(self) -> str | None:
         """Why queued work cannot run now (for /health, which Label Studio gives 1 s), or None."""
         from redis.exceptions import RedisError
+        from rq import Queue, Worker
 
         try:
-            self._health_probe.ping()
+            workers = Worker.count(connection=self._health_probe, queue=Queue(self.name, connection=self._health_probe))
         except RedisError as exc:
             return f"the job queue (Redis) is unreachable ({type(exc).__name__}): webhooks answer 503 until it is back"
+        if workers == 0:
+            return (f"no `mllm-backend worker` serves the job queue {self.name!r}: training and background "
+                    "pre-annotation wait until one starts (same REDIS_URL and JOB_QUEUE)")  # fmt: skip
         return None
 
     def clear_pending(self, project: int) -> None:
@@ -295,9 +300,9 @@ class LocalJobs:
         self._counts: dict[int, int] = {}
         self._lock = threading.RLock()  # _schedule runs under it and _submit takes it again
 
-    def annotation_event(self, project: int) -> str | None:
+    def annotation_event(self, project: int, count: int = 1) -> str | None:
         with self._lock:  # decide and schedule in one step: concurrent events see one pending training
-            self._counts[project] = self._counts.get(project, 0) + 1
+            self._counts[project] = self._counts.get(project, 0) + count
             pending = self._pending.get(project)
             enough = self._counts[project] >= self.settings.train_after_annotations
             if pending is not None and not (enough and pending[1] is not None):

@@ -75,9 +75,20 @@ class _Outcome:
     task_id: Any
     outputs: list[Output] = field(default_factory=list)
     error: str | None = None
+    late: bool = False  # the request's deadline came before this task was predicted
 
-    def fail(self, reason: str) -> None:
-        self.error = self.error or reason
+    def fail(self, reason: str, *, late: bool = False) -> None:
+        if self.error is None:
+            self.error, self.late = reason, late
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One prediction (or per-task error) per task, and the positions of the tasks the deadline left unpredicted
+    (their entries are errors saying so): what the server hands to background pre-annotation."""
+
+    predictions: list[dict | list]
+    late: list[int]
 
 
 @dataclass
@@ -182,7 +193,11 @@ class Predictor:
     def predict(
         self, tasks: list[Any], label_config: object, project: str | None, context: dict | None
     ) -> list[dict | list]:
-        """One prediction (or per-task error) per task, in order.
+        """One prediction (or per-task error) per task, in order (see :meth:`answer`)."""
+        return self.answer(tasks, label_config, project, context).predictions
+
+    def answer(self, tasks: list[Any], label_config: object, project: str | None, context: dict | None) -> Answer:
+        """One prediction (or per-task error) per task, in order, and which tasks the deadline left.
 
         Tasks are prepared in order and annotated in chunks whose images and crops fit
         ``PREDICT_MAX_PIXELS``, so a request's memory is bounded however many tasks it has.
@@ -198,7 +213,7 @@ class Predictor:
         chunk = _Chunk()
         for index, task in enumerate(tasks):
             if deadline.remaining() == 0:
-                self._fail(outcomes[index], "deadline", self._late_message())
+                self._late(outcomes[index])
                 continue
             prepared = self._prepare_safely(index, task, spec, site, context, outcomes[index])
             if prepared is None:
@@ -216,7 +231,7 @@ class Predictor:
             elif predictions[index]:
                 predictions[index] = {"model_version": version, **predictions[index]}  # type: ignore[dict-item]
         self.telemetry.predictions.inc(sum(1 for p in predictions if isinstance(p, dict) and "result" in p))
-        return predictions
+        return Answer(predictions, [index for index, outcome in enumerate(outcomes) if outcome.late])
 
     def _annotate_chunk(
         self, engine: Engine, chunk: _Chunk, outcomes: list[_Outcome], predictions: list, project: int | None
@@ -231,7 +246,7 @@ class Predictor:
             scored = self._score(engine, [outcomes[index] for index in chunk.tasks], project)
         except DeadlineExceeded:
             for index in chunk.tasks:
-                self._fail(outcomes[index], "deadline", self._late_message())
+                self._late(outcomes[index])
         for index in chunk.tasks:
             if not outcomes[index].error:
                 predictions[index] = _prediction(outcomes[index], scored)
@@ -267,6 +282,10 @@ class Predictor:
         outcome.fail(message)
         self.telemetry.task_errors.labels(reason=reason).inc()
 
+    def _late(self, outcome: _Outcome) -> None:
+        outcome.fail(self._late_message(), late=True)
+        self.telemetry.task_errors.labels(reason="deadline").inc()
+
     # --- images and crops -----------------------------------------------------------
 
     def _prepare_safely(
@@ -284,7 +303,7 @@ class Predictor:
             self._fail(outcome, _reason(exc), str(exc))
             return None
         except DeadlineExceeded:
-            self._fail(outcome, "deadline", self._late_message())
+            self._late(outcome)
             return None
         except Exception as exc:  # a task must never sink the request; this one is a bug to report
             log.exception("task %s could not be prepared", outcome.task_id)

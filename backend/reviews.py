@@ -34,8 +34,10 @@ CREATE TABLE IF NOT EXISTS usage (
     at REAL, PRIMARY KEY (project, task, model_version));
 CREATE TABLE IF NOT EXISTS reviewed (
     project INTEGER, task INTEGER, region TEXT, control TEXT, label TEXT, raw REAL, survived INTEGER, at REAL,
-    PRIMARY KEY (project, task, region, control, label));
+    annotation INTEGER, PRIMARY KEY (project, task, region, control, label));
 """
+# Stores made before a column existed get it added (name, declaration).
+_ADDED_COLUMNS = {"reviewed": (("annotation", "INTEGER"),)}
 
 
 BUSY_TIMEOUT_SECONDS = 20.0  # how long a write waits for another process's transaction
@@ -57,6 +59,11 @@ class ReviewStore:
         with self._writing() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
+            for table, columns in _ADDED_COLUMNS.items():
+                present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                for name, declaration in columns:
+                    if name not in present:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
         self._calibrators: dict[int, tuple[tuple[int, int], Calibrator]] = {}
 
     @contextmanager
@@ -113,8 +120,10 @@ class ReviewStore:
             scores[task] = scores.get(task, 1.0) * confidence
         return scores
 
-    def record_annotation(self, project: int, task: int, result: Sequence[dict[str, Any]]) -> int:
-        """Record which of our labels for ``task`` the human kept; returns how many were judged."""
+    def record_annotation(
+        self, project: int, task: int, result: Sequence[dict[str, Any]], annotation: int | None = None
+    ) -> int:
+        """Record which of our labels for ``task`` the human kept (in ``annotation``); returns how many were judged."""
         with self._writing() as db:
             rows = db.execute(
                 "SELECT task, region, control, label, raw FROM predicted WHERE project = ? AND task = ?",
@@ -123,17 +132,21 @@ class ReviewStore:
             outcomes = review_outcomes([PredictedLabel(*row) for row in rows], result)
             db.execute("DELETE FROM reviewed WHERE project = ? AND task = ?", (project, task))
             db.executemany(
-                "INSERT INTO reviewed VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO reviewed VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (project, p.task, p.region, p.control, p.label, p.raw, int(kept), time.time())
+                    (project, p.task, p.region, p.control, p.label, p.raw, int(kept), time.time(), annotation)
                     for p, kept in outcomes
                 ],
             )
         return len(outcomes)
 
-    def forget_task(self, project: int, task: int) -> None:
+    def forget(self, project: int, *, task: int | None = None, annotation: int | None = None) -> None:
+        """Drop the judgements of a deleted or skipped annotation, known by its task or (deletions) its id."""
         with self._writing() as db:
-            db.execute("DELETE FROM reviewed WHERE project = ? AND task = ?", (project, task))
+            if task is not None:
+                db.execute("DELETE FROM reviewed WHERE project = ? AND task = ?", (project, task))
+            if annotation is not None:
+                db.execute("DELETE FROM reviewed WHERE project = ? AND annotation = ?", (project, annotation))
 
     def outcomes(self, project: int) -> tuple[list[float], list[bool]]:
         with self._lock:

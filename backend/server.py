@@ -14,10 +14,18 @@ from werkzeug.exceptions import HTTPException
 
 from backend.deadline import deadline
 from backend.jobs import QueueUnavailable
-from backend.labelstudio.client import SetupInfo
+from backend.labelstudio.client import ModelVersionSync, SetupInfo
 from backend.labelstudio.config import UnsupportedConfig
-from backend.labelstudio.protocol import BadRequest, parse_json, read_preannotate, read_predict, read_setup
+from backend.labelstudio.protocol import (
+    BadRequest,
+    label_studio_id,
+    parse_json,
+    read_preannotate,
+    read_predict,
+    read_setup,
+)
 from backend.models.slot import ModelNotReady
+from backend.preannotate import hand_over
 from backend.prompts import PromptError
 from backend.reviews import StoreBusy
 from backend.service import Service
@@ -95,7 +103,10 @@ def create_app(service: Service) -> Flask:
     _register_errors(app)
     settings, predictor, telemetry = service.settings, service.predictor, service.telemetry
     admission = threading.BoundedSemaphore(settings.max_predicts_in_flight)  # overload: a fast 503, not a timeout
+    limits = (f"PREDICT_DEADLINE_SECONDS={settings.predict_deadline_seconds:g}, "
+              f"MAX_TASKS_PER_REQUEST={settings.max_tasks_per_request}")  # fmt: skip
     service.slot.start()
+    service.key_check.start()
     if predictor.critic_slot is not None:
         predictor.critic_slot.start()
 
@@ -128,12 +139,13 @@ def create_app(service: Service) -> Flask:
     @app.get("/")
     @app.get("/health")
     def health() -> Response | tuple[Response, int]:
-        """Label Studio gives this 1 s: nothing here waits on the model, SQLite or a lock held by predictions."""
+        """Label Studio gives this 1 s: nothing here waits on the model, SQLite, Label Studio or a lock held by
+        predictions (the key check and project set-up run in the background and leave their findings)."""
         state = service.slot.state
         telemetry.model_ready.set(1 if state == "ready" else 0)
-        warnings = [problem] if (problem := service.jobs.problem()) else []
+        problems = [service.jobs.problem(), service.key_check.problem, *service.project_setup.problems]
         body: dict[str, Any] = {"status": "UP", "model_state": state, "model_version": predictor.model_version(),
-                                "warnings": warnings}  # fmt: skip
+                                "warnings": [p for p in problems if p]}  # fmt: skip
         if g.get("authenticated"):  # what the deployment looks like, only for a caller who proved who they are
             body.update(model=settings.mllm_model, jobs=service.jobs.kind)
         if state == "failed":
@@ -148,19 +160,13 @@ def create_app(service: Service) -> Flask:
         project = setup.project or ""
         service.sites.remember(project, SetupInfo(setup.hostname, setup.access_token))
         service.version_sync.request(project, version)
+        service.project_setup.request(project, request.url_root)  # the address Label Studio reaches us at
         return jsonify({"model_version": version})
 
     @app.post("/predict")
     def predict() -> Response:
         asked = read_predict(_json_object())
-        if len(asked.tasks) > settings.max_tasks_per_request:
-            return _error(
-                f"{len(asked.tasks)} tasks in one request is over MAX_TASKS_PER_REQUEST="
-                f"{settings.max_tasks_per_request}: select fewer tasks, or pre-annotate the whole project in the "
-                'background with POST /jobs/preannotate {"project": <id>} (or `mllm-backend preannotate --project '
-                "<id>`)",
-                413,
-            )
+        now = asked.tasks[: settings.max_tasks_per_request]  # the rest go to a background job (hand_over)
         if not admission.acquire(blocking=False):
             telemetry.task_errors.labels(reason="overload").inc(len(asked.tasks))
             return _error(
@@ -169,15 +175,32 @@ def create_app(service: Service) -> Flask:
             )  # fmt: skip
         try:
             with deadline(settings.predict_deadline_seconds):
-                results = service.annotator.predict(
-                    asked.tasks, asked.label_config, project=asked.project, context=asked.context
-                )
+                answer = service.annotator.answer(now, asked.label_config, project=asked.project,
+                                                  context=asked.context)  # fmt: skip
         finally:
             admission.release()
         version = predictor.model_version()
+        results: list[dict | list] = [*answer.predictions, *([] for _ in asked.tasks[len(now) :])]
+        if asked.context is not None and len(results) == 1 and isinstance(results[0], dict) and "error" in results[0]:
+            # interactive: Label Studio's editor shows an HTTP error's status line, and nothing for an error body
+            return _error(results[0]["error"], 422)
+        later = [*answer.late, *range(len(now), len(asked.tasks))]
+        job = None
+        if later:
+            answers, job = hand_over(asked.tasks, later, project=asked.project, jobs=service.jobs,
+                                     cannot_post=_cannot_post(), model_version=version, limits=limits)  # fmt: skip
+            for position, answered in answers.items():
+                results[position] = answered
         if any(isinstance(r, dict) and "result" in r for r in results):
-            service.version_sync.request(asked.project or "", version)
-        return jsonify({"results": results, "model_version": version})
+            service.version_sync.request(asked.project or "", version, patience=ModelVersionSync.PREDICT_PATIENCE)
+        return jsonify({"results": results, "model_version": version, **({"job": job} if job else {})})
+
+    def _cannot_post() -> str | None:
+        """Why a background job could not post predictions to Label Studio (None: it can)."""
+        if not (settings.label_studio_url and settings.label_studio_api_key):
+            return ("the backend has no Label Studio key to post predictions with; set LABEL_STUDIO_URL and "
+                    "LABEL_STUDIO_API_KEY, or select fewer tasks")  # fmt: skip
+        return service.key_check.problem
 
     @app.post("/webhook")
     def webhook() -> Response:
@@ -195,6 +218,13 @@ def create_app(service: Service) -> Flask:
     def job_status(job_id: str) -> Response:
         status = service.jobs.status(job_id)
         return jsonify(status) if status is not None else _error(f"no job {job_id[:100]}", 404)
+
+    @app.get("/jobs")
+    def jobs_of_project() -> Response:
+        project = label_studio_id(request.args.get("project", type=int))
+        if project is None:
+            return _error("name the project: GET /jobs?project=<id>", 400)
+        return jsonify({"jobs": [s for j in service.jobs.recent(project) if (s := service.jobs.status(j))]})
 
     @app.post("/jobs/preannotate")
     def preannotate() -> Response:

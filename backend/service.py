@@ -9,6 +9,7 @@ from backend.annotate.mapping import LabelMapper
 from backend.annotator import Annotator
 from backend.jobs import LocalJobs, RedisJobs, make_queue
 from backend.labelstudio.client import LabelStudioSites, ModelVersionSync
+from backend.labelstudio.connection import KeyCheck, ProjectSetup
 from backend.labelstudio.media import ImageLoader, MediaLimits
 from backend.models.engine import Engine
 from backend.models.slot import EngineSlot
@@ -29,6 +30,8 @@ class Service:
     annotator: Annotator  # the Python API over ``predictor``: what /predict and pre-annotation call
     sites: LabelStudioSites
     version_sync: ModelVersionSync
+    key_check: KeyCheck  # does Label Studio accept LABEL_STUDIO_API_KEY (for /health)
+    project_setup: ProjectSetup  # the review tab and the webhook's credentials, per connected project
     telemetry: Telemetry
     jobs: RedisJobs | LocalJobs
     classifiers: ClassifierVersions
@@ -109,4 +112,6 @@ def build_service(settings: Settings, factory: Callable[[], Engine] | None = Non
     annotator = Annotator.serving(predictor)
     jobs = make_queue(settings, lambda: annotator)
     sync = ModelVersionSync(sites, settings.sync_project_model_version)
-    return Service(settings, slot, predictor, annotator, sites, sync, telemetry, jobs, classifiers)
+    key_check = KeyCheck(sites.for_project(None) if settings.label_studio_api_key else None)
+    return Service(settings, slot, predictor, annotator, sites, sync, key_check,
+                   ProjectSetup(settings, sites), telemetry, jobs, classifiers)  # fmt: skip

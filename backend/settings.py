@@ -56,6 +56,7 @@ class Settings:
     media_cache_bytes: int = 256 * 1024 * 1024
     predict_wait_seconds: float = 60.0
     sync_project_model_version: bool = True
+    review_tab: bool = True
     tag_threshold: float = 0.5
     tag_candidate_threshold: float = 0.05
     tag_group_size: int = 10
@@ -255,6 +256,7 @@ class _Reader:
             media_cache_bytes=self.integer("MEDIA_CACHE_BYTES", 256 * 1024 * 1024, 0),
             predict_wait_seconds=self.number("PREDICT_WAIT_SECONDS", 60.0, 0.0),
             sync_project_model_version=self.flag("SYNC_PROJECT_MODEL_VERSION", True),
+            review_tab=self.flag("REVIEW_TAB", True),
             tag_threshold=self.number("TAG_THRESHOLD", 0.5, 0.0, 1.0),
             tag_candidate_threshold=self.number("TAG_CANDIDATE_THRESHOLD", 0.05, 0.0, 1.0),
             tag_group_size=self.integer("TAG_GROUP_SIZE", 10, 1),

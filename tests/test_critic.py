@@ -167,3 +167,24 @@ def test_webhook_reviews_calibrate_the_next_predictions(make_client):
         "SELECT raw FROM predicted WHERE project = 5 AND region = ?", (region["id"],)
     ).fetchone()[0]
     assert region["score"] == pytest.approx(calibrator(raw))
+
+
+def test_bulk_annotation_events_are_judged_and_their_deletion_is_forgotten(make_client):
+    """The Data Manager's "create annotations from predictions" sends ANNOTATIONS_CREATED with lists, and deleting
+    annotations sends ANNOTATIONS_DELETED with their ids only (Label Studio 1.23.2's webhooks/models.py)."""
+    client, service = make_client(TRAIN_AFTER_ANNOTATIONS="100", TRAIN_DEBOUNCE_SECONDS="600")
+    tasks = [_task(i) for i in range(1, 5)]
+    predicted = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG, "project": "6.1"}).get_json()
+    results = [prediction["result"] for prediction in predicted["results"]]
+    annotations = [{"id": 100 + task["id"], "task": task["id"], "project": 6, "was_cancelled": False,
+                    "result": result} for task, result in zip(tasks, results, strict=True)]  # fmt: skip
+    created = client.post("/webhook", json={"action": "ANNOTATIONS_CREATED", "project": {"id": 6},
+                                            "annotation": annotations, "task": tasks}).get_json()  # fmt: skip
+    assert created["judged_labels"] == 8 and created["job"] is not None
+    assert service.predictor.reviews.status()["6"]["reviewed_labels"] == 8
+    deleted = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": {"id": 6},
+                                            "annotations": [{"id": 101}, {"id": 103}]}).get_json()  # fmt: skip
+    assert deleted["job"] == created["job"]  # joins the pending training
+    assert service.predictor.reviews.status()["6"]["reviewed_labels"] == 4
+    remaining = {row[0] for row in service.predictor.reviews._db.execute("SELECT task FROM reviewed WHERE project=6")}
+    assert remaining == {2, 4}

@@ -113,12 +113,20 @@ def test_a_gif_gives_its_first_frame():
     assert decode_image(animated_gif(), 10_000).getpixel((5, 5))[0] > 200
 
 
-def test_a_thousand_tasks_are_refused_with_the_way_to_do_it(make_client):
-    client, _ = make_client()
-    tasks = [{"id": i, "data": {"image": "data:,"}} for i in range(1000)]
-    response = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG})
-    assert response.status_code == 413
-    assert "preannotate" in response.get_json()["error"] and "MAX_TASKS_PER_REQUEST" in response.get_json()["error"]
+def test_a_selection_over_the_limit_is_answered_task_by_task_and_says_why_the_rest_cannot_follow(make_client):
+    """Label Studio stores nothing when a request fails, so a big selection is never refused: the tasks that fit
+    are predicted; without a Label Studio key no job can post the rest, and each of them says so."""
+    client, _ = make_client(MAX_TASKS_PER_REQUEST="3")
+    image = data_url(png_bytes(noise_image(40, 30)))
+    tasks = [boxed(i, image) for i in range(1, 41)]
+    response = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG, "project": "5.1"})
+    assert response.status_code == 200
+    results = response.get_json()["results"]
+    assert len(results) == 40 and all("result" in r for r in results[:3])
+    for task_id, result in enumerate(results[3:], start=4):
+        assert result["error"].startswith(f"task {task_id}: not predicted within this request's limits")
+        assert "LABEL_STUDIO_API_KEY" in result["error"]
+    assert "job" not in response.get_json()
 
 
 def test_two_images_each_box_is_cut_from_its_own_image(make_client):

@@ -101,3 +101,23 @@ def test_in_process_queue_debounces_the_same_way_and_reports_failures():
         time.sleep(0.1)
     status = jobs.status(now)
     assert status["status"] == "failed" and "LABEL_STUDIO_URL" in status["error"]  # no Label Studio configured
+
+
+def test_health_says_when_no_worker_serves_the_queue(redis_jobs, queue_name):
+    import os
+    import subprocess
+    import sys
+
+    assert "no `mllm-backend worker` serves the job queue" in redis_jobs.problem()
+    env = {**os.environ, "MLLM_MODEL": "m", "REDIS_URL": REDIS, "JOB_QUEUE": queue_name}
+    worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        ends = time.monotonic() + 60
+        while redis_jobs.problem() is not None and time.monotonic() < ends:
+            time.sleep(0.2)
+        assert redis_jobs.problem() is None
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    assert "no `mllm-backend worker`" in redis_jobs.problem()  # a worker that stops says goodbye

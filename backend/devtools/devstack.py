@@ -149,23 +149,38 @@ def start_stack(
          "--host", ls_url, "--data-dir", str(workdir / "ls-data")],
         ls_env, workdir / "label-studio.log",
     ).start()  # fmt: skip
-    backend = ManagedProcess(
-        "mllm-backend",
-        [sys.executable, "-m", "backend.cli", "serve", "--port", str(backend_port)],
-        {**base_env, "HF_HUB_OFFLINE": "1", "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": token,
-         "MODEL_DIR": str(model_dir), **(backend_env or {})},
-        workdir / "backend.log",
-    ).start()  # fmt: skip
+    backend = _backend_process("mllm-backend", backend_port, workdir / "backend.log", {
+        **base_env, "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": token, "MODEL_DIR": str(model_dir),
+        **(backend_env or {})})  # fmt: skip
     stack = Stack(workdir, ls_url, backend_url, token, password, files_root, [label_studio, backend])
     try:
         label_studio.wait_until(lambda: requests.get(f"{ls_url}/health", timeout=2).status_code == 200, 300)
-        backend.wait_until(
-            lambda: requests.get(f"{backend_url}/health", timeout=2).json().get("model_state") == "ready", 180
-        )
+        _wait_ready(backend, backend_url)
     except Exception:
         stack.stop()
         raise
     return stack
+
+
+def _backend_process(name: str, port: int, log_path: Path, env: dict[str, str]) -> ManagedProcess:
+    command = [sys.executable, "-m", "backend.cli", "serve", "--port", str(port)]
+    return ManagedProcess(name, command, {**env, "HF_HUB_OFFLINE": "1"}, log_path).start()
+
+
+def _wait_ready(backend: ManagedProcess, url: str) -> None:
+    backend.wait_until(lambda: requests.get(f"{url}/health", timeout=2).json().get("model_state") == "ready", 180)
+
+
+def start_backend(stack: Stack, name: str, env: dict[str, str]) -> str:
+    """Another `mllm-backend serve` beside the stack's (same model and Label Studio, ``env`` on top), stopped with
+    the stack; returns its URL."""
+    [first] = [p for p in stack.processes if p.name == "mllm-backend"]
+    port = free_port()
+    backend = _backend_process(name, port, stack.workdir / f"{name}.log",
+                               {**first.env, "MODEL_DIR": str(stack.workdir / f"{name}-model-dir"), **env})  # fmt: skip
+    stack.processes.append(backend)
+    _wait_ready(backend, f"http://127.0.0.1:{port}")
+    return f"http://127.0.0.1:{port}"
 
 
 def _headers(stack: Stack) -> dict[str, str]:

@@ -73,49 +73,68 @@ class ModelVersionSync:
     Label Studio averages ``prediction.score`` only over predictions whose model_version
     equals the project's, and connecting a backend sets the project's to the backend's
     title. Label Studio refuses a model_version that neither a connected backend nor a
-    stored prediction carries yet, so the check runs after ``/setup`` and after each
-    ``/predict`` (whose predictions Label Studio stores a moment later), retrying with
-    backoff. It runs in the background (``/setup`` has a 3 s budget), one per project at a time.
+    stored prediction carries yet, and stores a retrieval's predictions only after
+    ``/predict`` answers, which with a real model can take minutes. So each request asks
+    for ``patience`` seconds of trying; a request while a sync runs extends that sync
+    (never dropped), and it tries with growing pauses until Label Studio takes the version
+    or the latest patience runs out. One background thread per project at a time.
     """
 
-    RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
+    DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)  # then every 15 s
+    SETUP_PATIENCE = 30.0  # /setup: before any prediction exists, only a stored one can make the version valid
+    PREDICT_PATIENCE = 180.0  # after /predict answers, Label Studio stores its predictions
 
     def __init__(self, sites: LabelStudioSites, enabled: bool = True) -> None:
         self._sites = sites
         self._enabled = enabled
-        self._running: set[str] = set()
+        self._wanted: dict[str, tuple[str, float]] = {}  # project -> (model_version, keep trying until)
         self._lock = threading.Lock()
 
-    def request(self, project: str, model_version: str) -> threading.Thread | None:
+    def request(self, project: str, model_version: str, patience: float = SETUP_PATIENCE) -> threading.Thread | None:
+        """Start (or extend) the project's sync; returns the thread it started, if any."""
         pid = project_id(project)
         site = self._sites.for_project(project)
         if not self._enabled or pid is None or site is None or not site.has_key:
             return None
         with self._lock:
-            if project in self._running:
+            until = time.monotonic() + patience
+            running = project in self._wanted
+            if running:
+                until = max(until, self._wanted[project][1])
+            self._wanted[project] = (model_version, until)
+            if running:
                 return None
-            self._running.add(project)
-        thread = threading.Thread(target=self._sync, args=(project, site, pid, model_version), daemon=True)
+        thread = threading.Thread(target=self._sync, args=(project, site, pid), daemon=True)
         thread.start()
         return thread
 
-    def _sync(self, project: str, site: LabelStudioAuth, pid: int, model_version: str) -> None:
-        try:
-            client = connect(site.base_url, site.api_key or "")
-            for delay in (*self.RETRY_DELAYS, None):
-                try:
-                    if client.projects.get(pid).model_version != model_version:
-                        client.projects.update(id=pid, model_version=model_version)
-                        log.info("set project %s model_version to %s", pid, model_version)
-                    return
-                except Exception as exc:  # never let a sync failure touch a request
-                    if delay is None:
-                        log.warning("could not set project %s model_version (%s)", pid, type(exc).__name__)
-                        return
-                    time.sleep(delay)
-        finally:
+    def _sync(self, project: str, site: LabelStudioAuth, pid: int) -> None:
+        attempt, error, client = 0, "none", None
+        while True:
             with self._lock:
-                self._running.discard(project)
+                version, _ = self._wanted[project]
+            try:  # never let a sync failure touch a request
+                client = client or connect(site.base_url, site.api_key or "")
+                if client.projects.get(pid).model_version != version:
+                    client.projects.update(id=pid, model_version=version)
+                    log.info("set project %s model_version to %s", pid, version)
+            except Exception as exc:
+                error = type(exc).__name__
+            else:
+                with self._lock:
+                    if self._wanted[project][0] == version:  # else a newer version was asked for meanwhile
+                        del self._wanted[project]
+                        return
+                continue
+            delay = self.DELAYS[min(attempt, len(self.DELAYS) - 1)]
+            attempt += 1
+            with self._lock:
+                if time.monotonic() + delay > self._wanted[project][1]:
+                    del self._wanted[project]
+                    log.warning("could not set project %s model_version after %d tries (%s): sorting by Prediction "
+                                "score needs it", pid, attempt, error)  # fmt: skip
+                    return
+            time.sleep(delay)
 
 
 REVIEW_VIEW_TITLE = "Most suspicious first"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from backend.labelstudio.protocol import label_studio_id
@@ -32,21 +33,53 @@ def _list(value: object) -> list:
     return value if isinstance(value, list) else []
 
 
-def annotation_event(action: str, body: dict[str, Any]) -> tuple[int, int, list[dict] | None] | None:
-    """(project id, task id, final result) of an annotation webhook; result None when it was deleted or skipped."""
-    if action not in {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATION_DELETED",
-                      "ANNOTATIONS_DELETED"}:  # fmt: skip
-        return None
-    annotation = body.get("annotation") or (body.get("annotations") or [None])[0]
+ANNOTATION_ACTIONS = frozenset(
+    {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"}
+)
+
+
+@dataclass(frozen=True)
+class AnnotationChange:
+    """One annotation created, updated or deleted, as a webhook tells it."""
+
+    project: int
+    annotation: int | None
+    task: int | None  # None for a deletion: Label Studio sends only the annotation's id
+    result: list[dict] | None  # the final result; None when deleted or skipped
+
+
+def annotation_changes(action: str, body: dict[str, Any]) -> list[AnnotationChange]:
+    """Every annotation an event is about: one (``ANNOTATION_CREATED``/``_UPDATED``), a list (``ANNOTATIONS_CREATED``
+    from the Data Manager's "create annotations from predictions"), or ids only (``ANNOTATIONS_DELETED``)."""
+    if action not in ANNOTATION_ACTIONS:
+        return []
+    project = body.get("project")
+    project_number = label_studio_id(project.get("id") if isinstance(project, dict) else project)
+    if action == "ANNOTATIONS_DELETED":
+        if project_number is None:
+            return []
+        ids = [label_studio_id(a.get("id")) for a in _list(body.get("annotations")) if isinstance(a, dict)]
+        return [AnnotationChange(project_number, i, None, None) for i in ids if i is not None]
+    annotations = body.get("annotation")
+    changes = []
+    for annotation in annotations if isinstance(annotations, list) else [annotations]:
+        change = _change(annotation, project_number)
+        if change is not None:
+            changes.append(change)
+    return changes
+
+
+def _change(annotation: object, project: int | None) -> AnnotationChange | None:
     if not isinstance(annotation, dict):
         return None
-    project = body.get("project")
-    project_number = label_studio_id(project.get("id") if isinstance(project, dict) else annotation.get("project"))
+    project = project if project is not None else label_studio_id(annotation.get("project"))
     task = annotation.get("task")
     task_id = label_studio_id(task.get("id") if isinstance(task, dict) else task)
-    if project_number is None or task_id is None:
+    if project is None or task_id is None:
         return None
-    if action.endswith("DELETED") or annotation.get("was_cancelled"):
-        return project_number, task_id, None
     result = annotation.get("result")
-    return project_number, task_id, [r for r in result if isinstance(r, dict)] if isinstance(result, list) else []
+    if annotation.get("was_cancelled"):
+        result = None
+    else:
+        result = [r for r in result if isinstance(r, dict)] if isinstance(result, list) else []
+    return AnnotationChange(project, label_studio_id(annotation.get("id")), task_id, result)
