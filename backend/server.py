@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import threading
 import time
 from typing import Any
@@ -55,6 +56,7 @@ class _StrictJSON(DefaultJSONProvider):
 
 
 REASON_MAX_CHARS = 600
+_TAG = re.compile(r"<(/?[A-Za-z][\w.-]{0,40})>")
 
 
 def _error(message: str, status: int, **headers: str) -> Response:
@@ -67,7 +69,11 @@ def _error(message: str, status: int, **headers: str) -> Response:
 
 
 def reason_phrase(message: str) -> str:
-    """``message`` as an HTTP reason phrase: printable ASCII on one line (RFC 9112), at most REASON_MAX_CHARS."""
+    """``message`` as an HTTP reason phrase: printable ASCII on one line (RFC 9112), at most REASON_MAX_CHARS.
+
+    Label Studio's connect dialog renders the phrase as HTML, where "<Audio>" would vanish as a tag:
+    tag names lose their brackets ("Audio"), and any other angle bracket goes."""
+    message = _TAG.sub(r"\1", message).replace("<", " ").replace(">", " ")
     flat = "".join(c if " " <= c <= "~" else "?" if c > "~" else " " for c in message)
     flat = " ".join(flat.split())
     return flat if len(flat) <= REASON_MAX_CHARS else flat[: REASON_MAX_CHARS - 3] + "..."

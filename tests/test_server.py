@@ -185,3 +185,17 @@ def test_the_api_key_never_reaches_logs_or_answers(make_client, label_studio, ca
     assert "HTTP 401" in body
     for text in (body, health, metrics, caplog.text):
         assert secret not in text
+
+
+def test_an_interactive_request_that_fails_says_why_in_the_status_line(make_client):
+    """Label Studio's editor shows an interactive request's HTTP error (its status line), and nothing at all for an
+    error entry in a 200 answer."""
+    client, _ = make_client()
+    drawn = boxed_task(7, "data:image/png;base64,bm90IGFuIGltYWdl")["annotations"][0]["result"]
+    task = {"id": 7, "data": {"image": "data:image/png;base64,bm90IGFuIGltYWdl"}}
+    response = predict(client, [task], params={"context": {"result": drawn}})
+    assert response.status_code == 422
+    error = response.get_json()["error"]
+    assert error.startswith("task 7: ") and response.status.split(" ", 1)[1] == error
+    good = predict(client, [{**task, "data": {"image": data_url()}}], params={"context": {"result": drawn}})
+    assert good.status_code == 200 and good.get_json()["results"][0]["result"][0]["id"] == "b0"

@@ -220,6 +220,8 @@ def test_a_reason_phrase_is_one_line_of_printable_ascii():
 
     assert reason_phrase("bad\r\nSet-Cookie: x=1\tgo") == "bad Set-Cookie: x=1 go"  # no response splitting
     assert reason_phrase("猫 label") == "? label"
+    # Label Studio's connect dialog renders it as HTML: a tag name in brackets would vanish
+    assert reason_phrase("found <Audio>, <Image/> and x<y") == "found Audio, Image/ and x y"
     assert len(reason_phrase("x" * 5000)) == REASON_MAX_CHARS
 
 
