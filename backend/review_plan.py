@@ -61,7 +61,7 @@ def run_review_plan(
     settings: Settings, project: int, budget: float | None, target: float | None, create_view: bool
 ) -> None:
     """`mllm-backend review-plan`: read the project's scores through the SDK and print the plan as JSON."""
-    from backend.labelstudio.client import connect, create_review_view, prediction_scores
+    from backend.labelstudio.client import connect, ensure_review_view, prediction_scores
     from backend.predictor import model_version
     from backend.prompts import PromptBook
 
@@ -76,5 +76,5 @@ def run_review_plan(
         **plan_review(prediction_scores(client, project, version), budget, target).as_dict(),
     }
     if create_view:
-        report["view_id"] = create_review_view(client, project)
+        report["view_id"] = ensure_review_view(client, project)
     print(json.dumps(report, indent=2))

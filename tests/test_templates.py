@@ -209,10 +209,13 @@ def test_labels_read_from_task_data_are_the_ones_chosen_from(client):
 
 def test_a_refused_config_says_why_in_the_status_line(client):
     """Label Studio shows str(HTTPError), which carries the reason phrase and never the body."""
+    from backend.server import reason_phrase
+
     response = client.post("/setup", json={"schema": template("pdf_ocr"), "project": "1"})
     assert response.status_code == 400
-    assert "this backend labels images only (found <Pdf>, <OcrLabels>)" in response.status
-    assert response.status == f"400 {response.get_json()['error']}"
+    assert "this backend labels images only (found <Pdf>, <OcrLabels>)" in response.get_json()["error"]
+    assert "this backend labels images only (found Pdf, OcrLabels)" in response.status  # the dialog renders HTML
+    assert response.status == f"400 {reason_phrase(response.get_json()['error'])}"
 
 
 def test_a_reason_phrase_is_one_line_of_printable_ascii():

@@ -235,7 +235,6 @@ def create_demo_project(client, stack: Stack, title: str = "MLLM annotator demo"
     """A shapes-world project with the world's own config: the boxes a person drew (geometry only: the labels are
     the model's to give), connected, predictions retrieved, a saved "Most suspicious first" tab, and every task
     opening on the model's labels."""
-    from backend.labelstudio.client import create_review_view
     from backend.shapes.world import write_world
 
     world = write_world(stack.workdir / "demo-world", tasks=DEMO_TASKS, seed=DEMO_SEED)
@@ -248,11 +247,23 @@ def create_demo_project(client, stack: Stack, title: str = "MLLM annotator demo"
     response = requests.post(f"{stack.label_studio_url}/api/projects/{project}/import", headers=_headers(stack),
                              json=tasks, timeout=120)  # fmt: skip
     response.raise_for_status()
-    connect_backend(client, stack, project)
+    connect_backend(client, stack, project)  # the backend adds the "Most suspicious first" tab on connect
     retrieve_predictions(client, project)
-    create_review_view(client, project)
     _open_on_predictions(client, stack, project)
+    _wait_for_review_view(client, project)
     return project
+
+
+def _wait_for_review_view(client, project: int, timeout: float = 60.0) -> None:
+    """The tab the backend adds on connect (in the background); made here if it has not come (REVIEW_TAB=false)."""
+    from backend.labelstudio.client import REVIEW_VIEW_TITLE, ensure_review_view
+
+    ends = time.monotonic() + timeout
+    while time.monotonic() < ends:
+        if any(v.data.get("title") == REVIEW_VIEW_TITLE for v in client.views.list(project=project)):
+            return
+        time.sleep(1)
+    ensure_review_view(client, project)
 
 
 def _open_on_predictions(client, stack: Stack, project: int, timeout: float = 60.0) -> None:

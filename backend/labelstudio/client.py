@@ -181,3 +181,12 @@ def create_review_view(client, project: int) -> int:
         data={"title": REVIEW_VIEW_TITLE, "ordering": ["tasks:predictions_score"], "hiddenColumns": hidden},
     )
     return int(view.id)
+
+
+def ensure_review_view(client, project: int) -> int:
+    """The project's "Most suspicious first" tab: the existing one, or a new one."""
+    for view in client.views.list(project=project):
+        data = view.data if isinstance(view.data, dict) else {}
+        if data.get("title") == REVIEW_VIEW_TITLE:
+            return int(view.id)
+    return create_review_view(client, project)

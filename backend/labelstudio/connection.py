@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import requests
 
 from backend.labelstudio.auth import LabelStudioAuth, LabelStudioAuthError, is_personal_access_token
-from backend.labelstudio.client import MAX_REMEMBERED, REVIEW_VIEW_TITLE, LabelStudioSites, connect, create_review_view
+from backend.labelstudio.client import MAX_REMEMBERED, LabelStudioSites, connect, ensure_review_view
 from backend.labelstudio.protocol import project_id
 from backend.settings import Settings
 
@@ -201,12 +201,3 @@ def _without_scheme(url: str) -> str:
     """``host:port/path`` of a URL: Label Studio may reach us over https through a proxy that speaks http to us."""
     parts = urlsplit(url)
     return f"{(parts.hostname or '').lower()}:{parts.port or ''}{parts.path.rstrip('/')}"
-
-
-def ensure_review_view(client, project: int) -> int:
-    """The project's "Most suspicious first" tab: the existing one, or a new one."""
-    for view in client.views.list(project=project):
-        data = view.data if isinstance(view.data, dict) else {}
-        if data.get("title") == REVIEW_VIEW_TITLE:
-            return int(view.id)
-    return create_review_view(client, project)

@@ -56,7 +56,7 @@ def test_a_pdf_template_is_refused_with_the_reason_shown_to_the_user(client, sta
                              headers={"Authorization": f"Token {stack.token}"},
                              json={"project": project, "url": stack.backend_url, "title": "MLLM"})  # fmt: skip
     assert response.status_code == 400
-    assert "this backend labels images only (found <Pdf>, <OcrLabels>)" in response.text  # what the dialog shows
+    assert "this backend labels images only (found Pdf, OcrLabels)" in response.text  # the dialog renders it as HTML
 
 
 def test_taxonomy_paths_are_stored_by_label_studio(client, stack):
