@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from backend.labelstudio.client import connect, project_tasks
+from backend.labelstudio.client import connect, project_tasks, set_model_version
 from backend.labelstudio.protocol import label_studio_id, project_id
 from backend.settings import Settings
 
@@ -111,8 +111,7 @@ def preannotate_project(
 def _sync_model_version(client, project: int, version: str) -> bool:
     """Make the project's model_version ours once a prediction carries it (so "Prediction score" sorts)."""
     try:
-        if client.projects.get(project).model_version != version:
-            client.projects.update(id=project, model_version=version)
+        set_model_version(client, project, version)
     except Exception as exc:  # the predictions still count; sorting waits for the next sync
         log.warning("could not set project %s model_version (%s)", project, type(exc).__name__)
         return False

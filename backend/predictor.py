@@ -75,11 +75,11 @@ class _Outcome:
     task_id: Any
     outputs: list[Output] = field(default_factory=list)
     error: str | None = None
-    late: bool = False  # the request's deadline came before this task was predicted
+    reason: str | None = None  # the error's kind, as counted in telemetry ("deadline": not reached in time)
 
-    def fail(self, reason: str, *, late: bool = False) -> None:
+    def fail(self, message: str, reason: str) -> None:
         if self.error is None:
-            self.error, self.late = reason, late
+            self.error, self.reason = message, reason
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ class Predictor:
         chunk = _Chunk()
         for index, task in enumerate(tasks):
             if deadline.remaining() == 0:
-                self._late(outcomes[index])
+                self._fail(outcomes[index], "deadline", self._late_message())
                 continue
             prepared = self._prepare_safely(index, task, spec, site, context, outcomes[index])
             if prepared is None:
@@ -231,7 +231,7 @@ class Predictor:
             elif predictions[index]:
                 predictions[index] = {"model_version": version, **predictions[index]}  # type: ignore[dict-item]
         self.telemetry.predictions.inc(sum(1 for p in predictions if isinstance(p, dict) and "result" in p))
-        return Answer(predictions, [index for index, outcome in enumerate(outcomes) if outcome.late])
+        return Answer(predictions, [index for index, outcome in enumerate(outcomes) if outcome.reason == "deadline"])
 
     def _annotate_chunk(
         self, engine: Engine, chunk: _Chunk, outcomes: list[_Outcome], predictions: list, project: int | None
@@ -246,7 +246,7 @@ class Predictor:
             scored = self._score(engine, [outcomes[index] for index in chunk.tasks], project)
         except DeadlineExceeded:
             for index in chunk.tasks:
-                self._late(outcomes[index])
+                self._fail(outcomes[index], "deadline", self._late_message())
         for index in chunk.tasks:
             if not outcomes[index].error:
                 predictions[index] = _prediction(outcomes[index], scored)
@@ -279,12 +279,8 @@ class Predictor:
         )
 
     def _fail(self, outcome: _Outcome, reason: str, message: str) -> None:
-        outcome.fail(message)
+        outcome.fail(message, reason)
         self.telemetry.task_errors.labels(reason=reason).inc()
-
-    def _late(self, outcome: _Outcome) -> None:
-        outcome.fail(self._late_message(), late=True)
-        self.telemetry.task_errors.labels(reason="deadline").inc()
 
     # --- images and crops -----------------------------------------------------------
 
@@ -303,7 +299,7 @@ class Predictor:
             self._fail(outcome, _reason(exc), str(exc))
             return None
         except DeadlineExceeded:
-            self._late(outcome)
+            self._fail(outcome, "deadline", self._late_message())
             return None
         except Exception as exc:  # a task must never sink the request; this one is a bug to report
             log.exception("task %s could not be prepared", outcome.task_id)
@@ -431,8 +427,7 @@ class Predictor:
 
     def _model_failed(self, outcome: _Outcome, exc: Exception) -> None:
         log.warning("model failed on task %s: %s", outcome.task_id, _describe(exc))
-        outcome.fail(f"the model could not answer ({_describe(exc)})")
-        self.telemetry.task_errors.labels(reason="model").inc()
+        self._fail(outcome, "model", f"the model could not answer ({_describe(exc)})")
 
 
 def _prediction(outcome: _Outcome, scored: list[_Scored]) -> dict | list:

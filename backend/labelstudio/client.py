@@ -115,9 +115,7 @@ class ModelVersionSync:
                 version, _ = self._wanted[project]
             try:  # never let a sync failure touch a request
                 client = client or connect(site.base_url, site.api_key or "")
-                if client.projects.get(pid).model_version != version:
-                    client.projects.update(id=pid, model_version=version)
-                    log.info("set project %s model_version to %s", pid, version)
+                set_model_version(client, pid, version)
             except Exception as exc:
                 error = type(exc).__name__
             else:
@@ -135,6 +133,14 @@ class ModelVersionSync:
                                 "score needs it", pid, attempt, error)  # fmt: skip
                     return
             time.sleep(delay)
+
+
+def set_model_version(client, project: int, version: str) -> None:
+    """Make the project's model_version ``version`` (a no-op when it is); raises what the SDK raises, e.g. while
+    Label Studio refuses a version no prediction carries yet."""
+    if client.projects.get(project).model_version != version:
+        client.projects.update(id=project, model_version=version)
+        log.info("set project %s model_version to %s", project, version)
 
 
 REVIEW_VIEW_TITLE = "Most suspicious first"

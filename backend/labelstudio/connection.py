@@ -36,37 +36,22 @@ class KeyCheck:
         self._auth = auth
         self._session = session or requests.Session()
         self._problem: str | None = None
-        self._checked = threading.Event()
-        self._stop = threading.Event()
 
     def start(self) -> None:
         if self._auth is not None and self._auth.has_key:
             threading.Thread(target=self._loop, daemon=True, name="key-check").start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def wait(self, seconds: float) -> bool:
-        """Block until the first check finished (tests and the CLI); True if it did."""
-        return self._checked.wait(seconds)
 
     @property
     def problem(self) -> str | None:
         """Why the backend cannot use its key (None: it works, or it was not checked yet)."""
         return self._problem
 
-    @property
-    def usable(self) -> bool:
-        return self._auth is not None and self._auth.has_key and self._problem is None
-
     def _loop(self) -> None:
         while True:
             self._problem = self.check()
-            self._checked.set()
             if self._problem:
                 log.warning("%s", self._problem)
-            if self._stop.wait(KEY_CHECK_SECONDS):
-                return
+            time.sleep(KEY_CHECK_SECONDS)
 
     def check(self) -> str | None:
         assert self._auth is not None
