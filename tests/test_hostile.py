@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import struct
 import threading
 import time
@@ -258,3 +259,21 @@ def test_a_healthy_process_after_everything(make_client):
         "task None: the task is null, not a JSON object",
     ]
     assert requests.codes.ok == client.get("/health").status_code
+
+
+def test_a_label_studio_still_starting_does_not_stop_the_rest_of_a_big_selection(make_client):
+    """The backend may start before Label Studio: an unreachable Label Studio at the key check is passing trouble
+    (the next /predict comes from it), so the tasks that do not fit still go to a background job."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    client, service = make_client(MAX_TASKS_PER_REQUEST="2", LABEL_STUDIO_URL=nobody, LABEL_STUDIO_API_KEY="k" * 40)
+    ends = time.monotonic() + 30
+    while service.key_check.problem is None and time.monotonic() < ends:
+        time.sleep(0.1)
+    assert "cannot reach Label Studio" in service.key_check.problem and service.key_check.refused is None
+    image = data_url(png_bytes(noise_image(40, 30)))
+    body = {"tasks": [boxed(i, image) for i in range(1, 6)], "label_config": CONFIG, "project": "9.1"}
+    answer = client.post("/predict", json=body).get_json()
+    assert answer["results"][2:] == [[], [], []] and answer["job"].startswith("preannotate-9-")
+    assert client.get("/health").get_json()["warnings"] == [service.key_check.problem]

@@ -18,7 +18,11 @@ ACCESS_TOKEN_REUSE_SECONDS = 240  # access tokens live 300 s; refresh a little e
 
 
 class LabelStudioAuthError(RuntimeError):
-    """Label Studio refused the configured key; the message never contains the key."""
+    """No access token could be had for the configured key; the message never contains the key."""
+
+
+class KeyRefused(LabelStudioAuthError):
+    """Label Studio refused the key itself (not a network failure on the way)."""
 
 
 def is_personal_access_token(key: str) -> bool:
@@ -79,7 +83,7 @@ class LabelStudioAuth:
             except (ValueError, KeyError, TypeError):
                 access = None
             if not isinstance(access, str):
-                raise LabelStudioAuthError(
+                raise KeyRefused(
                     f"Label Studio refused the personal access token (HTTP {response.status_code}); "
                     "set LABEL_STUDIO_API_KEY to a valid token from Account & Settings"
                 )

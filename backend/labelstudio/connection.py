@@ -19,23 +19,31 @@ from urllib.parse import urlsplit
 
 import requests
 
-from backend.labelstudio.auth import LabelStudioAuth, LabelStudioAuthError, is_personal_access_token
+from backend.labelstudio.auth import KeyRefused, LabelStudioAuth, LabelStudioAuthError, is_personal_access_token
 from backend.labelstudio.client import MAX_REMEMBERED, LabelStudioSites, connect, ensure_review_view
 from backend.labelstudio.protocol import project_id
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 KEY_CHECK_SECONDS = 300.0  # how often the operator's key is checked again
+RECHECK_SECONDS = 15.0  # sooner while the last check failed (Label Studio still starting, say)
 WEBHOOK_WAIT_SECONDS = 60.0  # Label Studio creates its webhook only after /setup has answered
 
 
 class KeyCheck:
-    """Whether Label Studio accepts ``LABEL_STUDIO_API_KEY``, checked at start and every KEY_CHECK_SECONDS."""
+    """Whether Label Studio accepts ``LABEL_STUDIO_API_KEY``, checked at start and every KEY_CHECK_SECONDS
+    (every RECHECK_SECONDS while the last check failed).
+
+    Two findings: ``problem`` is anything that stopped the check (for ``/health``); ``refused`` only
+    Label Studio refusing the key, the one finding that makes posting hopeless. An unreachable Label
+    Studio (it may start after the backend) is passing trouble, not a reason to give up on posting.
+    """
 
     def __init__(self, auth: LabelStudioAuth | None, session: requests.Session | None = None) -> None:
         self._auth = auth
         self._session = session or requests.Session()
         self._problem: str | None = None
+        self._refused = False
 
     def start(self) -> None:
         if self._auth is not None and self._auth.has_key:
@@ -46,27 +54,34 @@ class KeyCheck:
         """Why the backend cannot use its key (None: it works, or it was not checked yet)."""
         return self._problem
 
+    @property
+    def refused(self) -> str | None:
+        """Why Label Studio refuses the key (None: it has not, as far as the last check saw)."""
+        return self._problem if self._refused else None
+
     def _loop(self) -> None:
         while True:
-            self._problem = self.check()
+            self._problem, self._refused = self.check()
             if self._problem:
                 log.warning("%s", self._problem)
-            time.sleep(KEY_CHECK_SECONDS)
+            time.sleep(RECHECK_SECONDS if self._problem else KEY_CHECK_SECONDS)
 
-    def check(self) -> str | None:
+    def check(self) -> tuple[str | None, bool]:
+        """(what went wrong or None, whether it is Label Studio refusing the key)."""
         assert self._auth is not None
         url = f"{self._auth.base_url}/api/current-user/whoami"
         try:
             response = self._session.get(url, headers=self._auth.headers(), timeout=10)
         except LabelStudioAuthError as exc:
-            return str(exc)
+            return str(exc), isinstance(exc, KeyRefused)
         except requests.RequestException as exc:
-            return f"cannot reach Label Studio at {self._auth.base_url} ({type(exc).__name__}); check LABEL_STUDIO_URL"
+            return (f"cannot reach Label Studio at {self._auth.base_url} ({type(exc).__name__}); check "
+                    "LABEL_STUDIO_URL", False)  # fmt: skip
         if response.status_code in {401, 403}:
-            return _refused(self._auth.base_url, self._auth.api_key or "", response.status_code)
+            return _refused(self._auth.base_url, self._auth.api_key or "", response.status_code), True
         if response.status_code != 200:
-            return f"Label Studio at {self._auth.base_url} answered HTTP {response.status_code} to the key check"
-        return None
+            return f"Label Studio at {self._auth.base_url} answered HTTP {response.status_code} to the key check", False
+        return None, False
 
 
 def _refused(base_url: str, key: str, status: int) -> str:

@@ -140,7 +140,7 @@ def test_the_version_sync_outlasts_a_slow_retrieval(client, stack):
 
 def test_a_refused_key_is_named_with_the_fix(stack):
     session = requests.Session()
-    assert KeyCheck(LabelStudioAuth(stack.label_studio_url, stack.token, session)).check() is None
-    legacy = KeyCheck(LabelStudioAuth(stack.label_studio_url, "0" * 40, session)).check()
-    assert "refused LABEL_STUDIO_API_KEY (HTTP 401)" in legacy and "personal access token" in legacy
+    assert KeyCheck(LabelStudioAuth(stack.label_studio_url, stack.token, session)).check() == (None, False)
+    legacy, refused = KeyCheck(LabelStudioAuth(stack.label_studio_url, "0" * 40, session)).check()
+    assert refused and "refused LABEL_STUDIO_API_KEY (HTTP 401)" in legacy and "personal access token" in legacy
     assert "0" * 40 not in legacy
