@@ -123,7 +123,7 @@ def model_version(s: Settings, prompts: PromptBook) -> str:
     if s.model_version:
         return s.model_version
     parts = [s.mllm_provider, s.mllm_model, s.mllm_quantization, s.mllm_option_scoring, prompts.fingerprint(),
-             SCORING, f"{s.tag_threshold:g}/{s.tag_candidate_threshold:g}/{s.tag_group_size}",
+             SCORING, f"{s.tag_method}:{s.tag_threshold:g}/{s.tag_candidate_threshold:g}/{s.tag_group_size}",
              f"{s.box_padding:g}/{s.box_min_side}", f"critic={s.critic}:{s.critic_provider}:{s.critic_model}",
              f"cascade={s.cascade}:{s.cascade_threshold:g}"]  # fmt: skip
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
@@ -372,18 +372,24 @@ class Predictor:
         return scored
 
     def _critic(self, engine: Engine, judged: list[tuple[Output, Predicted]]) -> list[float | None]:
-        if not self.settings.critic or not judged:
-            return [None] * len(judged)
+        """The judge's P(correct) for each label, except those whose own probability already answers a yes/no
+        question about them (confirmed tags): asking again would count the same evidence twice."""
+        verdicts: list[float | None] = [None] * len(judged)
+        asked = [i for i, (_, predicted) in enumerate(judged) if not predicted.confirmed]
+        if not self.settings.critic or not asked:
+            return verdicts
         try:
             critic = self.critic_slot.get(self.settings.predict_wait_seconds) if self.critic_slot else engine
             hints = {label: hint for output, _ in judged for label, hint in output.hints.items()}
-            images = [output.question.image for output, _ in judged]
-            verdicts = judge(critic, self.prompts, images, [p.label for _, p in judged], hints)
+            images = [judged[i][0].question.image for i in asked]
+            found = judge(critic, self.prompts, images, [judged[i][1].label for i in asked], hints)
         except Exception as exc:  # the critic is advice: without it, scores fall back to the other signals
             log.warning("critic pass failed (%s); scoring without it", _describe(exc))
             self.telemetry.task_errors.labels(reason="critic").inc()
-            return [None] * len(judged)
-        return [float(v) for v in verdicts]
+            return verdicts
+        for i, verdict in zip(asked, found, strict=True):
+            verdicts[i] = float(verdict)
+        return verdicts
 
     def _classifier(self, project: int | None, control: str):
         """The project's trained classifier for ``control``, if there is one."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from backend.annotate.tagging import TAG_METHODS
+
 PACKAGE_PROMPTS = Path(__file__).resolve().parent / "default_prompts"  # prompts/, also inside an installed wheel
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -58,8 +60,9 @@ class Settings:
     sync_project_model_version: bool = True
     review_tab: bool = True
     tag_threshold: float = 0.5
-    tag_candidate_threshold: float = 0.05
+    tag_candidate_threshold: float = 0.1
     tag_group_size: int = 10
+    tag_method: str = "tagllm"  # one of annotate.tagging.TAG_METHODS
     box_padding: float = 0.0
     box_min_side: int = 32
     text_encoder: str | None = None
@@ -258,8 +261,9 @@ class _Reader:
             sync_project_model_version=self.flag("SYNC_PROJECT_MODEL_VERSION", True),
             review_tab=self.flag("REVIEW_TAB", True),
             tag_threshold=self.number("TAG_THRESHOLD", 0.5, 0.0, 1.0),
-            tag_candidate_threshold=self.number("TAG_CANDIDATE_THRESHOLD", 0.05, 0.0, 1.0),
+            tag_candidate_threshold=self.number("TAG_CANDIDATE_THRESHOLD", 0.1, 0.0, 1.0),
             tag_group_size=self.integer("TAG_GROUP_SIZE", 10, 1),
+            tag_method=self.choice("TAG_METHOD", "tagllm", TAG_METHODS),
             box_padding=self.number("BOX_PADDING", 0.0, 0.0, 10.0),
             box_min_side=self.integer("BOX_MIN_SIDE", 32, 1),
             text_encoder=self.text("TEXT_ENCODER"),

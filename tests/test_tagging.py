@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -10,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from backend.annotate.tagging import NONE_OF_THESE, TagSettings, label_groups, tag_images
+from backend.annotate.mapping import LabelMapper
+from backend.annotate.tagging import NONE_OF_THESE, TagSettings, answer_sets, label_groups, presence, tag_images
 from backend.labelstudio.config import UnsupportedConfig, parse_label_config
+from backend.models.text_encoder import SentenceEncoder
 from backend.prompts import PromptBook
 from backend.settings import PACKAGE_PROMPTS
-from tests.conftest import noise_image
+from tests.conftest import noise_image, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO = parse_label_config((ROOT / "label_config" / "image_tags_coco.xml").read_text()).image_choices[0]
@@ -36,7 +39,13 @@ class CountingEngine:
 
     def generate(self, images, prompt, max_new_tokens=32):
         self.passes.update(id(image) for image in images)
+        self.prompts.append(prompt)
         return self.inner.generate(images, prompt, max_new_tokens)
+
+
+@pytest.fixture(scope="module")
+def text_mapper() -> LabelMapper:
+    return LabelMapper(SentenceEncoder(), min_similarity=0.45)
 
 
 @pytest.fixture
@@ -110,3 +119,86 @@ def test_concepts_file_errors_name_the_file(prompts):
     (prompts.directory / "concepts.json").write_text('{"definitions": ["not", "a", "mapping"]}')
     with pytest.raises(ValueError, match="concepts.json"):
         prompts.concepts()
+
+
+def test_answer_sets_cover_every_subset_of_a_small_group_in_listing_order_and_stay_within_the_limit():
+    assert answer_sets(["a", "b"]) == [(), ("a",), ("b",), ("a", "b")]
+    assert len(answer_sets(list("abcdef"))) == 64  # every subset of six labels
+    ten = answer_sets(list("abcdefghij"))
+    assert len(ten) == 1 + 10 + 45 and max(len(s) for s in ten) == 2  # by size, smallest first
+    assert all(list(s) == sorted(s) for s in ten)  # the answer lists labels in the order the question did
+    assert answer_sets(list("abcdefghij"), limit=11) == [(), *((c,) for c in "abcdefghij")]
+
+
+def test_a_label_is_present_with_the_probability_of_every_answer_naming_it(llava_engine, prompts):
+    images = [noise_image(40, 30, 1), noise_image(30, 30, 2)]
+    group = ("cat", "dog", "bird")
+    question = prompts.render("tag_candidates", labels="- cat\n- dog\n- bird")
+    found = presence(llava_engine, images, question, group)
+    options = [", ".join(s) if s else NONE_OF_THESE for s in answer_sets(group)]
+    scored = llava_engine.score_options(images, question, options).probabilities
+    for i in range(len(images)):
+        for j, label in enumerate(group):
+            assert found[i, j] == pytest.approx(sum(p for p, o in zip(scored[i], options, strict=True)
+                                                    if label in o.split(", ")))  # fmt: skip
+        # presence is a probability per label, not a share of one answer: together they can pass 1
+        assert found[i].min() >= 0.0 and found[i].max() <= 1.0
+
+
+def test_the_baselines_ask_one_question_per_label_or_one_per_image(llava_engine, prompts):
+    engine = CountingEngine(llava_engine)
+    images = [noise_image(40, 30, 1), noise_image(25, 60, 2)]
+    labels = ["cat", "dog", "bird", "car"]
+    yes_no = tag_images(engine, prompts, images, labels, TagSettings(method="yes_no"))
+    assert all(engine.passes[id(image)] == 4 for image in images)
+    assert all(t.questions == 4 and t.candidates == tuple(labels) and t.confirmed for t in yes_no)
+    engine.passes.clear()
+    opened = tag_images(engine, prompts, images, labels, TagSettings(method="open"))
+    assert all(engine.passes[id(image)] == 1 for image in images)
+    assert all(t.questions == 1 and not t.confirmed and set(t.presence) == set(labels) for t in opened)
+    assert "- car" in engine.prompts[-1]  # one question listing every label
+
+
+def test_an_open_answer_names_labels_exactly_or_through_the_text_encoder(text_mapper):
+    from backend.annotate.tagging import _named_labels
+
+    labels = ["cat", "dog", "aeroplane"]
+    assert _named_labels("Cat, dog.", labels, None) == {"cat", "dog"}
+    assert _named_labels("none of these", labels, None) == set()
+    assert _named_labels("cat, airplane, spaceship", labels, text_mapper) == {"cat", "aeroplane"}
+
+
+TAGS_CONFIG = (
+    '<View><Image name="image" value="$image"/><Choices name="tags" toName="image" choice="multiple">'
+    '<Choice value="cat" group="animal"/><Choice value="dog" group="animal"/><Choice value="car"/></Choices></View>'
+)
+
+
+def _tag_prediction(client, threshold: str | None = None) -> dict:
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(noise_image(40, 30, 5))).decode()
+    body = {"tasks": [{"id": 1, "data": {"image": image}}], "label_config": TAGS_CONFIG}
+    [prediction] = client.post("/predict", json=body).get_json()["results"]
+    return prediction
+
+
+@pytest.mark.parametrize("threshold", ["0", "1"])
+def test_a_tags_result_keeps_every_labels_probability_even_when_no_tag_is_kept(make_client, threshold):
+    client, _ = make_client(TAG_THRESHOLD=threshold, TAG_CANDIDATE_THRESHOLD="0")
+    [result] = _tag_prediction(client)["result"]
+    assert result["value"]["choices"] == (["cat", "dog", "car"] if threshold == "0" else [])
+    assert set(result["label_scores"]) == {"cat", "dog", "car"}
+    assert all(0.0 <= p <= 1.0 for p in result["label_scores"].values())
+    assert len(set(result["label_scores"].values())) > 1  # each label's own probability, not one shared score
+
+
+@pytest.mark.parametrize("method", ["tagllm", "yes_no"])
+def test_the_critic_does_not_ask_again_what_a_tags_confirmation_already_asked(make_client, method):
+    passes = {}
+    for critic in ("off", "on"):
+        client, service = make_client(TAG_METHOD=method, TAG_THRESHOLD="0", TAG_CANDIDATE_THRESHOLD="0",
+                                      CRITIC=critic)  # fmt: skip
+        engine = service.slot.get(timeout=60)
+        before = engine.forward_passes
+        _tag_prediction(client)
+        passes[critic] = engine.forward_passes - before
+    assert passes["on"] == passes["off"] > 0, passes

@@ -17,7 +17,7 @@ from PIL import Image
 
 from backend.annotate.suspicion import Signals
 from backend.labelstudio.protocol import TaskError
-from backend.labelstudio.regions import Box, box_result, image_result
+from backend.labelstudio.regions import LABEL_SCORES, Box, box_result, image_result
 
 if TYPE_CHECKING:
     from backend.annotate.mapping import LabelMapper
@@ -80,6 +80,7 @@ class Predicted:
     label: str
     signals: Signals
     from_classifier: bool = False  # chosen by the project's trained classifier (CASCADE), not the MLLM
+    confirmed: bool = False  # its probability already answers a yes/no question about it: the critic would re-ask
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Output:
     region_label: str | None = None  # the label this output gives its region, for handlers asked after it
     opinion: str | None = None  # the label this output's text implies for its region (a fine name's category)
     hints: dict[str, str] = field(default_factory=dict)  # label → definition, for the critic
+    label_scores: dict[str, float] | None = None  # every label's probability, written beside the chosen ones
 
     @property
     def region(self) -> Box | None:
@@ -114,8 +116,12 @@ class Output:
     def result(self, score: float | None) -> dict[str, Any]:
         assert self.value is not None
         if self.region is not None:
-            return box_result(self.region, self.control, self.to_name, self.result_type, self.value, score)
-        return image_result(self.control, self.to_name, self.result_type, self.value, score)
+            result = box_result(self.region, self.control, self.to_name, self.result_type, self.value, score)
+        else:
+            result = image_result(self.control, self.to_name, self.result_type, self.value, score)
+        if self.label_scores is not None:  # Label Studio stores and exports a result's extra keys as they are
+            result[LABEL_SCORES] = self.label_scores
+        return result
 
 
 @dataclass

@@ -108,21 +108,33 @@ class ImageChoices:
                 self.candidate_threshold if self.candidate_threshold is not None else s.tag_candidate_threshold
             ),
             group_size=self.group_size or s.tag_group_size,
+            method=s.tag_method,  # type: ignore[arg-type]
         )
         return tag_images(asking.engine, asking.prompts, images, labels, tag_settings, dict(self.hints),
-                          dict(self.groups))  # fmt: skip
+                          dict(self.groups), mapper=asking.mapper)  # fmt: skip
 
     def _output(self, question: Question, answer: Choice | Tags) -> Output:
         hints = dict(self.hints)
         if isinstance(answer, Tags):
-            if not answer.labels:  # "none of these": no label to judge, but a decision that ranks the task
-                return Output(question, self.control, self.image.name, "choices", None, confidence=answer.confidence,
-                              ranks_task=True)  # fmt: skip
-            predicted = tuple(Predicted(tag, Signals(annotator=answer.presence[tag])) for tag in answer.labels)
-            return Output(question, self.control, self.image.name, "choices", {"choices": list(answer.labels)},
-                          predicted=predicted, hints=hints)  # fmt: skip
+            return self._tags_output(question, answer, hints)
         result_type = "taxonomy" if self.source.paths else "choices"
         signals = Signals(annotator=answer.probability, margin=answer.margin, mapped=answer.mapped)
         return Output(question, self.control, self.image.name, result_type,
                       self.source.payload(result_type, answer.label), predicted=(Predicted(answer.label, signals),),
                       hints=hints)  # fmt: skip
+
+    def _tags_output(self, question: Question, answer: Tags, hints: dict[str, str]) -> Output:
+        """The kept tags, with every label's P(present) under ``label_scores`` (kept or not, for per-tag ranking).
+
+        With no tag kept the result still carries its scores, and its confidence ranks the task. A tag's
+        probability that already came from a yes/no question about it is not asked again by the critic.
+        """
+        label_scores = {label: round(answer.presence[label], 6) for label in question.labels}
+        value = {"choices": list(answer.labels)}
+        if not answer.labels:
+            return Output(question, self.control, self.image.name, "choices", value, confidence=answer.confidence,
+                          ranks_task=True, label_scores=label_scores)  # fmt: skip
+        predicted = tuple(Predicted(tag, Signals(annotator=answer.presence[tag]), confirmed=answer.confirmed)
+                          for tag in answer.labels)  # fmt: skip
+        return Output(question, self.control, self.image.name, "choices", value, predicted=predicted, hints=hints,
+                      label_scores=label_scores)  # fmt: skip

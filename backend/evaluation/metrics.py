@@ -25,6 +25,12 @@ def label_accuracy(pairs: Sequence[LabelPair]) -> dict:
     }
 
 
+def _tag_score(pair: TagPair, label: str) -> float:
+    if pair.label_scores is not None and label in pair.label_scores:
+        return float(pair.label_scores[label])
+    return (pair.score if pair.score is not None else 1.0) if label in pair.predicted else 0.0
+
+
 def _f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
@@ -36,8 +42,8 @@ def tag_metrics(pairs: Sequence[TagPair], labels: Sequence[str]) -> dict:
     """Per-label precision/recall/F1 and agreement; micro and macro F1; mAP over the tag scores.
 
     Agreement is the CelebA study's: per attribute, the share of images where the MLLM's
-    present/absent matches the human's. A predicted tag ranks by its control's score,
-    a tag not predicted at 0 (the prediction holds no other per-label score).
+    present/absent matches the human's. A tag ranks by its own probability where the
+    prediction keeps one (``label_scores``), else by its control's score if predicted and 0 if not.
     """
     from sklearn.metrics import average_precision_score
 
@@ -52,13 +58,15 @@ def tag_metrics(pairs: Sequence[TagPair], labels: Sequence[str]) -> dict:
         per_label[label] = {"precision": precision, "recall": recall, "f1": f1, "support": int(truth.sum()),
                             "agreement": float((predicted == truth).mean()) if len(pairs) else None}  # fmt: skip
         if truth.any():
-            scores = [(p.score if p.score is not None else 1.0) if label in p.predicted else 0.0 for p in pairs]
-            average_precisions.append(float(average_precision_score(truth, scores)))
+            average_precisions.append(float(average_precision_score(truth, [_tag_score(p, label) for p in pairs])))
     supported = [m["f1"] for m in per_label.values() if m["support"]]
+    micro = _f1(totals["tp"], totals["fp"], totals["fn"])
     return {
         "images": len(pairs),
         "per_label": per_label,
-        "micro_f1": _f1(totals["tp"], totals["fp"], totals["fn"])[2],
+        "micro_precision": micro[0],
+        "micro_recall": micro[1],
+        "micro_f1": micro[2],
         "macro_f1": float(np.mean(supported)) if supported else None,
         "mAP": float(np.mean(average_precisions)) if average_precisions else None,
     }

@@ -172,38 +172,67 @@ def _bins(pairs: list[tuple[float, bool]]) -> list[dict]:
     return reliability_bins([s for s, _ in pairs], [ok for _, ok in pairs])
 
 
-def tags(client, engine, world: World, images: list, settings) -> dict:
-    """Whole-image tags through /predict, and the candidate stage and per-tag scores asked of the same engine."""
-    from sklearn.metrics import average_precision_score
+def tags(client, engine, world: World, images: list, settings, mapper) -> dict:
+    """Whole-image tags through /predict (the default method), ranked per tag by the result's ``label_scores``;
+    then every tagging method asked of the same engine on the same images, side by side (``tag_methods``)."""
+    from backend.evaluation.metrics import tag_metrics
+    from backend.labelstudio.export import TagPair
+    from backend.labelstudio.regions import label_scores
 
-    from backend.annotate.tagging import TagSettings, tag_images
+    config, tasks = _as_label_studio_sends(world, "tags")
+    run = _predict(client, engine, config, tasks)
+    truth = [frozenset(scene.tags) for scene in world.scenes]
+    results = [next((r for r in p.get("result", []) if r["from_name"] == "tags"), {}) for p in run.predictions]
+    pairs = [
+        TagPair(number, "tags", frozenset(r.get("value", {}).get("choices", [])), t, r.get("score"), label_scores(r))
+        for number, (r, t) in enumerate(zip(results, truth, strict=True), start=1)
+    ]
+    measured = tag_metrics(pairs, CLASSES)
+    methods = tag_methods(engine, world, images, settings, mapper)
+    default = methods[settings.tag_method]
+    return {
+        "tag_micro_f1": measured["micro_f1"],
+        "tag_macro_f1": measured["macro_f1"],
+        "tag_precision": measured["micro_precision"],
+        "tag_recall": measured["micro_recall"],
+        "tag_map": measured["mAP"],
+        "tag_candidate_recall": default["candidate_recall"],
+        "tag_candidates_per_image": default["candidates_per_image"],
+        "tag_questions_per_image": default["questions_per_image"],
+        "tag_calls_per_image": run.forward_passes / max(1, len(tasks)),
+        "tag_methods": methods,
+    }
+
+
+def tag_methods(engine, world: World, images: list, settings, mapper) -> dict[str, dict]:
+    """TagLLM against its baselines (one yes/no question per label; one open question listing every label) on
+    the same images: recall, precision, F1, mAP from each tag's own score, candidates and questions per image."""
+    from backend.annotate.tagging import TAG_METHODS, TagSettings, tag_images
     from backend.evaluation.metrics import tag_metrics
     from backend.labelstudio.config import parse_label_config
     from backend.labelstudio.export import TagPair
     from backend.prompts import PromptBook
 
-    config, tasks = _as_label_studio_sends(world, "tags")
-    run = _predict(client, engine, config, tasks)
-    truth = [set(scene.tags) for scene in world.scenes]
-    pairs = [TagPair(number, "tags", frozenset(next((r["value"]["choices"] for r in p.get("result", [])
-                                                     if r["from_name"] == "tags"), [])), frozenset(t), p.get("score"))
-             for number, (p, t) in enumerate(zip(run.predictions, truth, strict=True), start=1)]  # fmt: skip
-    measured = tag_metrics(pairs, CLASSES)
-    target = parse_label_config(config).image_choices[0]
-    found = tag_images(engine, PromptBook(settings.prompts_dir), images, list(target.labels),
-                       TagSettings(settings.tag_threshold, settings.tag_candidate_threshold, settings.tag_group_size),
-                       dict(target.hints), dict(target.groups))  # fmt: skip
-    candidates = sum(len(set(f.candidates) & t) for f, t in zip(found, truth, strict=True))
-    aps = [float(average_precision_score([label in t for t in truth], [f.presence.get(label, 0.0) for f in found]))
-           for label in CLASSES if any(label in t for t in truth)]  # fmt: skip
-    return {
-        "tag_micro_f1": measured["micro_f1"],
-        "tag_macro_f1": measured["macro_f1"],
-        "tag_candidate_recall": candidates / max(1, sum(len(t) for t in truth)),
-        "tag_map": float(np.mean(aps)) if aps else None,
-        "tag_candidates_per_image": float(np.mean([len(f.candidates) for f in found])),
-        "tag_calls_per_image": run.forward_passes / max(1, len(tasks)),
-    }
+    target = parse_label_config(world.projects["tags"][0].read_text()).image_choices[0]
+    truth = [frozenset(scene.tags) for scene in world.scenes]
+    table = {}
+    for method in TAG_METHODS:
+        tag_settings = TagSettings(settings.tag_threshold, settings.tag_candidate_threshold, settings.tag_group_size,
+                                   method)  # fmt: skip
+        found = tag_images(engine, PromptBook(settings.prompts_dir), images, list(target.labels), tag_settings,
+                           dict(target.hints), dict(target.groups), mapper=mapper)  # fmt: skip
+        pairs = [TagPair(n, "tags", frozenset(f.labels), t, None, f.presence)
+                 for n, (f, t) in enumerate(zip(found, truth, strict=True), start=1)]  # fmt: skip
+        measured = tag_metrics(pairs, CLASSES)
+        table[method] = {
+            "recall": measured["micro_recall"], "precision": measured["micro_precision"],
+            "f1": measured["micro_f1"], "map": measured["mAP"],
+            "candidate_recall": sum(len(set(f.candidates) & t) for f, t in zip(found, truth, strict=True))
+            / max(1, sum(len(t) for t in truth)),
+            "candidates_per_image": float(np.mean([len(f.candidates) for f in found])),
+            "questions_per_image": float(np.mean([f.questions for f in found])),
+        }  # fmt: skip
+    return table
 
 
 def downstream(shapes: list[_Shape], run: _Run, settings, tasks: int) -> dict[str, float]:
@@ -329,13 +358,20 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = prin
     report.update(calibration(client, engine, world, config, sent, outcomes, task_scores))
     report["box_accuracy_prompt_edit"] = prompt_edit(engine, shapes)
     report["region_accuracy"] = region_accuracy(client, engine, world)
-    report.update(tags(client, engine, world, images, settings))
+    report.update(tags(client, engine, world, images, settings, _mapper(settings)))
     report["downstream"] = downstream(shapes, run, settings, tasks)
     report["downstream_reviews_spent"] = REVIEW_SHARE
     report["downstream_by_loss"] = None  # other losses (ACT's corrected loss) come with the critic's rebuild
     report = _finite(report)
     write(report, out)
     return report
+
+
+def _mapper(settings):
+    from backend.annotate.mapping import LabelMapper
+    from backend.models.text_encoder import SentenceEncoder
+
+    return LabelMapper(SentenceEncoder(settings.text_encoder), settings.mapping_min_similarity)
 
 
 def _finite(value: object) -> object:
@@ -366,8 +402,9 @@ KEYS = (
     "box_accuracy", "box_accuracy_prompt_edit", "region_accuracy", "task_auroc", "region_auroc",
     "task_auroc_confidence", "critic_auroc_gain", "review_found_at_20", "review_found_at_20_random",
     "review_found_at_20_confidence",
-    "ece_raw", "ece_calibrated", "tag_micro_f1", "tag_macro_f1", "tag_candidate_recall", "tag_map",
-    "tag_candidates_per_image", "calls_per_image", "tokens_per_box", "downstream",
+    "ece_raw", "ece_calibrated", "tag_micro_f1", "tag_macro_f1", "tag_precision", "tag_recall", "tag_map",
+    "tag_candidate_recall", "tag_candidates_per_image", "tag_questions_per_image", "calls_per_image",
+    "tokens_per_box", "downstream",
 )  # fmt: skip
 
 
@@ -376,6 +413,15 @@ def summary(report: dict) -> str:
              f"{report['tasks']} tasks, {report['boxes']} boxes, model `{report['model']}`.", "",
              "| metric | value |", "| --- | --- |"]  # fmt: skip
     lines += [f"| `{key}` | {_fmt(report.get(key))} |" for key in KEYS]
+    methods = report.get("tag_methods") or {}
+    if methods:
+        columns = ("recall", "precision", "f1", "map", "candidate_recall", "candidates_per_image",
+                   "questions_per_image")  # fmt: skip
+        lines += ["", "Tagging methods on the same images:", "", "| method | " + " | ".join(columns) + " |",
+                  "| --- |" + " --- |" * len(columns)]  # fmt: skip
+        lines += [
+            f"| {name} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for name, row in methods.items()
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.labelstudio.config import ImageField, ProjectSpec
-from backend.labelstudio.regions import Box, RegionError, box_from_region, on_region, region_labels
+from backend.labelstudio.regions import Box, RegionError, box_from_region, label_scores, on_region, region_labels
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ class TagPair:
     predicted: frozenset[str]
     human: frozenset[str]
     score: float | None
+    label_scores: dict[str, float] | None = None  # every label's own probability, where the prediction kept them
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ def compare_tags(task_id: int, control: str, predicted: list[dict], human: list[
         frozenset(label for r in mine_predicted for label in region_labels(r)),
         frozenset(label for r in mine_human for label in region_labels(r)),
         mine_predicted[0].get("score") if mine_predicted else score,
+        label_scores(mine_predicted[0]) if mine_predicted else None,
     ),))  # fmt: skip
 
 

@@ -334,6 +334,18 @@ def box_label(region: dict[str, Any]) -> str | None:
     return labels[0] if labels else None
 
 
+LABEL_SCORES = "label_scores"  # a result's key for every label's probability (multiple-choice tags), kept or not
+
+
+def label_scores(result: dict[str, Any]) -> dict[str, float] | None:
+    """A result's per-label probabilities, if it carries well-formed ones."""
+    scores = result.get(LABEL_SCORES)
+    if not isinstance(scores, dict):
+        return None
+    kept = {str(k): float(v) for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return kept or None
+
+
 def image_result(control: str, to_name: str, result_type: str, value: dict, score: float | None = None) -> dict:
     """A prediction for a whole image (or a question object), not a region: the control's name is its id."""
     result = {"id": control, "from_name": control, "to_name": to_name, "type": result_type, "value": value}

@@ -44,9 +44,9 @@ PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Which of these labels describes the image as a whole?\n{labels}\nReply with one label.",
         "Choose the best label for this whole picture:\n{labels}\nAnswer with one label only.",
     ),
-    "tag_candidates": (
-        'Which of these can you see in the picture?\n{labels}\nGive the most visible one, or "none of these".',
-        'Look at the image. Which of these appears most clearly?\n{labels}\nOr answer "none of these".',
+    "tag_candidates": (  # every label of the group that is present (the shipped prompt is the first phrasing)
+        'Which of these appear in the picture? List every one you see, separated by commas, or "none of these".\n'
+        "{labels}",
     ),
     "tag_confirm": (
         "Is there a {label} in this image? Here it means: {definition}. Answer yes or no.",
@@ -55,11 +55,11 @@ PARAPHRASES: dict[str, tuple[str, ...]] = {
 }
 # Asked by the coming methods (several labels at once, error-finding critics, binary disambiguation).
 EXTRA: dict[str, tuple[str, ...]] = {
-    "tag_present": (
-        "Which of these objects or concepts can be seen in this image? Several can be.\n{labels}\n"
-        'Answer with all that are visible, separated by commas, or "none of these".',
-        'Which of these appear in the picture? List every one you see, separated by commas, or "none of these".\n'
-        "{labels}",
+    "tag_most_visible": (  # the candidate question before it asked for every label present
+        "Which of these objects or concepts can be seen in this image?\n{labels}\n"
+        'Answer with the one that is most clearly visible, or "none of these".',
+        'Which of these can you see in the picture?\n{labels}\nGive the most visible one, or "none of these".',
+        'Look at the image. Which of these appears most clearly?\n{labels}\nOr answer "none of these".',
     ),
     "label_wrong": (
         'An annotator labelled this image "{label}". In this task, "{label}" means: {definition}.\n'
@@ -78,7 +78,8 @@ EXTRA: dict[str, tuple[str, ...]] = {
 }
 MIX = {  # share of each question kind in training
     "box_label": 0.26, "critic": 0.10, "label_wrong": 0.04, "x_or_y": 0.05, "box_fine_label": 0.10,
-    "fine_unlabelled": 0.03, "image_choice": 0.06, "tag_candidates": 0.12, "tag_present": 0.08, "tag_confirm": 0.16,
+    "fine_unlabelled": 0.03, "image_choice": 0.06, "tag_most_visible": 0.12, "tag_candidates": 0.08,
+    "tag_confirm": 0.16,
 }  # fmt: skip
 
 
@@ -185,10 +186,10 @@ def example(
     if kind == "image_choice":
         return Example(image, _fill(template, labels=format_labels(_label_list(rng, scene.largest))), scene.largest,
                        text_first)  # fmt: skip
-    if kind in {"tag_candidates", "tag_present"}:
+    if kind in {"tag_candidates", "tag_most_visible"}:
         group = _group(rng, scene)
         present = [label for label in group if label in scene.tags]
-        if kind == "tag_candidates":  # "the most clearly visible": the largest shape of the group
+        if kind == "tag_most_visible":  # "the most clearly visible": the largest shape of the group
             shown = [s for s in scene.shapes if s.cls in present]
             answer = max(shown, key=lambda s: s.width * s.height).cls if shown else NONE_OF_THESE
         else:
