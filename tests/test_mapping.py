@@ -78,3 +78,27 @@ def test_fine_names_from_the_model_carry_confidence_and_mapped_category(llava_en
         assert 0.0 < name.confidence <= 1.0  # geometric-mean token probability of the generated name
         if name.category is not None:
             assert name.category.label is None or name.category.label in LABELS
+
+
+def test_a_fine_name_is_asked_without_the_label_unless_the_prompt_names_it(llava_engine, tmp_path):
+    """The shipped prompt leaves the label out (one batch for every box); a prompt with {label} asks per label."""
+    import shutil
+
+    asked: list[tuple[str, int]] = []
+
+    class Recording:
+        name = llava_engine.name
+
+        def generate(self, images, prompt, max_new_tokens=32):
+            asked.append((prompt, len(images)))
+            return llava_engine.generate(images, prompt, max_new_tokens)
+
+    crops = [noise_image(20, 20, k) for k in range(3)]
+    name_crops(Recording(), PromptBook(PACKAGE_PROMPTS), crops, ["dog", "car", "dog"], LABELS, None)
+    assert len(asked) == 1 and asked[0][1] == 3 and " dog" not in asked[0][0] and " car" not in asked[0][0]
+    shutil.copytree(PACKAGE_PROMPTS, tmp_path / "p")
+    (tmp_path / "p" / "box_fine_label.txt").write_text("This image shows a {label}. Name it precisely.")
+    asked.clear()
+    name_crops(Recording(), PromptBook(tmp_path / "p"), crops, ["dog", "cat", "dog"], LABELS, None)
+    assert sorted((prompt.split(".")[0], n) for prompt, n in asked) == [("This image shows a cat", 1),
+                                                                       ("This image shows a dog", 2)]  # fmt: skip

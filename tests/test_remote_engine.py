@@ -23,7 +23,8 @@ import requests
 
 from backend.devtools.tiny import build_tiny_checkpoint
 from backend.models.engine import EngineError, EngineUnavailable
-from backend.models.remote import SMOOTHING, OpenAIEngine, match_answer
+from backend.models.remote import SMOOTHING, OpenAIEngine, lettered_question, match_answer
+from backend.prompts import TEMPLATES
 from tests.conftest import noise_image, png_bytes
 from tests.loopback import LoopbackServer, Reply, Seen
 
@@ -227,3 +228,20 @@ def test_a_bad_request_for_one_image_is_that_images_error():
 )
 def test_answers_are_matched_by_letter_or_exact_label(answer, expected):
     assert match_answer(answer, LABELS, lettered=True) == expected
+
+
+@pytest.mark.parametrize("template", ["box_label", "image_choice", "tag_confirm", "critic", "tag_candidates"])
+def test_a_lettered_question_gives_one_answer_instruction(template):
+    from backend.prompts import PromptBook, format_labels
+    from backend.settings import PACKAGE_PROMPTS
+
+    book = PromptBook(PACKAGE_PROMPTS)
+    labels = ["cat", "dog"]
+    prompt = book.render(template, **{name: (format_labels(labels) if name == "labels" else "cat")
+                                      for name in TEMPLATES[template]})  # fmt: skip
+    options = ["yes", "no"] if "labels" not in TEMPLATES[template] else labels
+    asked = lettered_question(prompt, options)
+    assert asked.count("Answer") == 1 and asked.endswith("Answer with the letter of one option only.")
+    assert "A. " + options[0] in asked.splitlines() and "B. " + options[1] in asked.splitlines()
+    if template in {"box_label", "image_choice"}:  # the listed labels get their letters in place, listed once
+        assert "- cat" not in asked and asked.count("cat") == 1

@@ -47,11 +47,12 @@ def name_crops(
     label_set: Sequence[str],
     mapper: LabelMapper | None,
 ) -> list[FineName]:
-    """A fine-grained name for each crop, asked as "this is a <label>; what exactly?"."""
+    """A fine-grained name for each crop ("what exactly is this?"), batched per distinct prompt: one batch when
+    the template leaves the label out (the default), one per label when it names it ("this is a {label}...")."""
     names: list[FineName | None] = [None] * len(crops)
-    for label in dict.fromkeys(crop_labels):
-        indices = [i for i, crop_label in enumerate(crop_labels) if crop_label == label]
-        prompt = prompts.render("box_fine_label", label=label)
+    asked = [prompts.render("box_fine_label", label=label) for label in crop_labels]
+    for prompt in dict.fromkeys(asked):
+        indices = [i for i, question in enumerate(asked) if question == prompt]
         generations = engine.generate([crops[i] for i in indices], prompt, max_new_tokens=FINE_NAME_TOKENS)
         for i, generation in zip(indices, generations, strict=True):
             logprobs = generation.token_logprobs

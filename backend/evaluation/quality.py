@@ -285,6 +285,42 @@ def downstream(shapes: list[_Shape], run: _Run, settings, tasks: int) -> dict[st
     return results
 
 
+def fine_names(engine, shapes: list[_Shape], run: _Run, settings, mapper) -> dict[str, dict]:
+    """Does a box's fine name flag a wrong label? Its category is mapped onto the label set, and a name that
+    disagrees with the box's predicted label is a flag. Asked with the shipped prompt (without the label) and
+    with the label in it ("This image shows a {label}..."), on the same boxes."""
+    import shutil
+    import tempfile
+
+    from backend.annotate.boxes import name_crops
+    from backend.prompts import PromptBook
+    from backend.shapes.questions import EXTRA
+
+    predicted = {(r["id"], i): r["value"]["rectanglelabels"][0] for i, p in enumerate(run.predictions)
+                 for r in p.get("result", []) if r.get("type") == "rectanglelabels"}  # fmt: skip
+    labels = [predicted[item.shape.id, item.task] for item in shapes]
+    wrong = np.array([label != item.shape.cls for label, item in zip(labels, shapes, strict=True)])
+    variants = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for variant, template in (("without_label", None), ("with_label", EXTRA["fine_labelled"][0])):
+            book = Path(scratch) / variant
+            shutil.copytree(settings.prompts_dir, book)
+            if template is not None:  # as a user who puts the label back into the prompt
+                (book / "box_fine_label.txt").write_text(template)
+            names = name_crops(engine, PromptBook(book), [item.crop for item in shapes], labels, CLASSES, mapper)
+            category = [n.category.label if n.category is not None else None for n in names]
+            flagged = np.array([c is not None and c != label for c, label in zip(category, labels, strict=True)])
+            variants[variant] = {
+                "flagged": float(flagged.mean()),
+                "flag_precision": float(wrong[flagged].mean()) if flagged.any() else None,
+                "flag_recall": float(flagged[wrong].mean()) if wrong.any() else None,
+                "name_category_accuracy": float(
+                    np.mean([c == item.shape.cls for c, item in zip(category, shapes, strict=True)])
+                ),  # fmt: skip
+            }
+    return {"wrong_labels": float(wrong.mean()), **variants}
+
+
 def prompt_edit(engine, shapes: list[_Shape]) -> float:
     """Box accuracy when the box question is a paraphrase the shapes model never saw (a user's reasonable edit)."""
     from backend.annotate.choice import choose
@@ -357,6 +393,7 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = prin
     report["tokens_per_box"] = run.tokens / max(1, boxes)
     report.update(calibration(client, engine, world, config, sent, outcomes, task_scores))
     report["box_accuracy_prompt_edit"] = prompt_edit(engine, shapes)
+    report["fine_names"] = fine_names(engine, shapes, run, settings, _mapper(settings))
     report["region_accuracy"] = region_accuracy(client, engine, world)
     report.update(tags(client, engine, world, images, settings, _mapper(settings)))
     report["downstream"] = downstream(shapes, run, settings, tasks)
@@ -404,7 +441,7 @@ KEYS = (
     "review_found_at_20_confidence",
     "ece_raw", "ece_calibrated", "tag_micro_f1", "tag_macro_f1", "tag_precision", "tag_recall", "tag_map",
     "tag_candidate_recall", "tag_candidates_per_image", "tag_questions_per_image", "calls_per_image",
-    "tokens_per_box", "downstream",
+    "tokens_per_box", "fine_names", "downstream",
 )  # fmt: skip
 
 

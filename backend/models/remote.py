@@ -65,9 +65,30 @@ def image_data_url(image: Image.Image) -> str:
     return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
+LETTER_INSTRUCTION = "Answer with the letter of one option only."
+_OWN_INSTRUCTION = re.compile(r"(?:^|(?<=[.?!:]))[ \t]*Answer\b[^\n]*$", re.MULTILINE)
+
+
 def lettered_question(prompt: str, options: Sequence[str]) -> str:
-    listed = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
-    return f"{prompt}\n\nOptions:\n{listed}\nAnswer with the letter of one option only."
+    """``prompt`` asked with lettered options and one instruction: answer with a letter.
+
+    Where the prompt lists every option as a "- option" line (the shipped label questions), those lines
+    get their letters in place; otherwise the lettered options follow the prompt. The prompt's own answer
+    instruction (a last sentence that starts with "Answer", e.g. "Answer with exactly one label from
+    the list." or "Answer yes or no.") gives way to the letter instruction, so the two never contradict.
+    """
+    lines = prompt.rstrip().splitlines()
+    bullets = {f"- {option}": f"{LETTERS[i]}. {option}" for i, option in enumerate(options)}
+    in_place = set(bullets) <= {line.strip() for line in lines}
+    if in_place:
+        lines = [bullets.get(line.strip(), line) for line in lines]
+    if lines and _OWN_INSTRUCTION.search(lines[-1]):
+        lines[-1] = _OWN_INSTRUCTION.sub("", lines[-1]).rstrip()
+        if not lines[-1]:
+            lines.pop()
+    if not in_place:
+        lines += ["", "Options:", *bullets.values()]
+    return "\n".join([*lines, LETTER_INSTRUCTION])
 
 
 def match_answer(text: str, options: Sequence[str], lettered: bool) -> int | None:

@@ -36,9 +36,8 @@ PARAPHRASES: dict[str, tuple[str, ...]] = {
         'Someone tagged this picture as "{label}" ({definition}). Is that right? Answer yes or no.',
         'Is "{label}" the correct label for this image? Here "{label}" means {definition}. Answer yes or no.',
     ),
-    "box_fine_label": (
-        "This is a {label}. Describe it precisely (texture, colour, shape), then its category in parentheses.",
-        "Give a precise name for this {label}, then its general category in parentheses. Name only.",
+    "box_fine_label": (  # without the box's label (the shipped prompt is the first phrasing)
+        "What exactly is this object? Give a precise name, then its category in parentheses.",
     ),
     "image_choice": (
         "Which of these labels describes the image as a whole?\n{labels}\nReply with one label.",
@@ -70,15 +69,16 @@ EXTRA: dict[str, tuple[str, ...]] = {
         "Is this a {a} or a {b}? Answer with one of the two.",
         "Which is it: {a} or {b}? Answer with one word.",
     ),
-    "fine_unlabelled": (
-        "Name the object in this image as precisely as you can, then its general category in parentheses, for "
-        'example "Dachshund (Dog)". Answer with the name only.',
-        "What exactly is this object? Give a precise name, then its category in parentheses.",
+    "fine_labelled": (  # the fine-name question before it left the label out
+        "This image shows a {label}. Name it as precisely as you can, then its general category in parentheses, "
+        'for example "Dachshund (Dog)". Answer with the name only.',
+        "This is a {label}. Describe it precisely (texture, colour, shape), then its category in parentheses.",
+        "Give a precise name for this {label}, then its general category in parentheses. Name only.",
     ),
 }
 MIX = {  # share of each question kind in training
-    "box_label": 0.26, "critic": 0.10, "label_wrong": 0.04, "x_or_y": 0.05, "box_fine_label": 0.10,
-    "fine_unlabelled": 0.03, "image_choice": 0.06, "tag_most_visible": 0.12, "tag_candidates": 0.08,
+    "box_label": 0.26, "critic": 0.10, "label_wrong": 0.04, "x_or_y": 0.05, "fine_labelled": 0.10,
+    "box_fine_label": 0.03, "image_choice": 0.06, "tag_most_visible": 0.12, "tag_candidates": 0.08,
     "tag_confirm": 0.16,
 }  # fmt: skip
 
@@ -167,7 +167,7 @@ def example(
     template = str(rng.choice(templates))
     text_first = bool(rng.random() < 0.15)
     shape = scene.shapes[int(rng.integers(len(scene.shapes)))]
-    if kind in {"box_label", "critic", "label_wrong", "x_or_y", "box_fine_label", "fine_unlabelled"}:
+    if kind in {"box_label", "critic", "label_wrong", "x_or_y", "box_fine_label", "fine_labelled"}:
         style = REGION_STYLES[int(rng.choice(len(REGION_STYLES), p=REGION_STYLE_SHARES))]
         crop, truth = region_crop(image, scene, shape, style), shape.cls
         if kind == "box_label":
@@ -181,7 +181,7 @@ def example(
             a, b = _shuffled(rng, [truth, _wrong_label(rng, truth)])
             return Example(crop, _fill(template, a=a, b=b), truth, text_first)
         named = truth if rng.random() < 0.8 else _wrong_label(rng, truth)  # the name must not echo a wrong label
-        prompt = _fill(template, label=named) if kind == "box_fine_label" else template
+        prompt = _fill(template, label=named) if kind == "fine_labelled" else template
         return Example(crop, prompt, f"{shape.fine_name} ({truth})", text_first)
     if kind == "image_choice":
         return Example(image, _fill(template, labels=format_labels(_label_list(rng, scene.largest))), scene.largest,

@@ -31,6 +31,23 @@ def predictions_of(client, project: int) -> dict[int, list[dict]]:
     return {int(t.id): [p if isinstance(p, dict) else p.dict() for p in (t.predictions or [])] for t in tasks}
 
 
+def export_snapshot(stack: Stack, project: int) -> list[dict]:
+    """The project's tasks as a JSON export snapshot with full predictions (Data Manager → Export)."""
+    api, headers = f"{stack.label_studio_url}/api/projects/{project}/exports", {"Authorization": f"Token {stack.token}"}
+    body = {"serialization_options": {"predictions": {"only_id": False}},
+            "task_filter_options": {"only_with_annotations": False}}  # fmt: skip
+    created = requests.post(f"{api}/", json=body, headers=headers, timeout=60)
+    assert created.status_code == 201, created.text
+    export = created.json()["id"]
+    for _ in range(60):
+        if requests.get(f"{api}/{export}", headers=headers, timeout=10).json()["status"] == "completed":
+            break
+        time.sleep(0.5)
+    download = requests.get(f"{api}/{export}/download", params={"exportType": "JSON"}, headers=headers, timeout=60)
+    assert download.status_code == 200, download.text[:300]
+    return download.json()
+
+
 def draw_boxes(client, config: str, task_ids: list[int]) -> None:
     """A person draws two boxes on each task and submits (placeholder label for <RectangleLabels>)."""
     controls = [c for c in LabelInterface(config).controls if c.tag in {"RectangleLabels", "Rectangle"}]
@@ -83,9 +100,18 @@ def test_retrieve_predictions_stores_one_scored_prediction_per_task(client, stac
         [prediction] = predictions
         assert prediction["model_version"] == version
         assert 0.0 <= prediction["score"] <= 1.0
-        only_tags = all(c.tag == "Choices" and c.attr.get("choice") == "multiple"
-                        for c in LabelInterface(config_path.read_text()).controls)  # fmt: skip
-        assert prediction["result"] or only_tags, f"{config_path.name} task {task} got an empty prediction"
+        assert prediction["result"], f"{config_path.name} task {task} got an empty prediction"
+    tag_controls = {c.name: set(c.labels) for c in LabelInterface(config_path.read_text()).controls
+                    if c.tag == "Choices" and c.attr.get("choice") == "multiple"}  # fmt: skip
+    if tag_controls:  # every label's probability, kept or not, survives storage and export as the backend wrote it
+        exported = export_snapshot(stack, project)
+        assert {int(t["id"]) for t in exported} == set(task_ids)
+        for source in ([p for ps in predictions_of(client, project).values() for p in ps],
+                       [p for t in exported for p in t["predictions"]]):  # fmt: skip
+            for prediction in source:
+                for result in (r for r in prediction["result"] if r["from_name"] in tag_controls):
+                    assert set(result["label_scores"]) == tag_controls[result["from_name"]]
+                    assert set(result["value"]["choices"]) <= tag_controls[result["from_name"]]
 
 
 def test_a_box_drawn_in_the_editor_gets_a_label_back(client, stack, boxes_project):
