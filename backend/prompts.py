@@ -19,6 +19,7 @@ TEMPLATES: dict[str, frozenset[str]] = {
     "image_choice": frozenset({"labels"}),
     "tag_candidates": frozenset({"labels"}),
     "tag_confirm": frozenset({"label", "definition"}),
+    "attribute": frozenset({"attribute", "definition"}),
     "critic": frozenset({"label", "definition"}),
     "caption": frozenset(),
     "answer": frozenset({"question"}),

@@ -202,3 +202,44 @@ def test_the_critic_does_not_ask_again_what_a_tags_confirmation_already_asked(ma
         _tag_prediction(client)
         passes[critic] = engine.forward_passes - before
     assert passes["on"] == passes["off"] > 0, passes
+
+
+ATTRIBUTES_CONFIG = (
+    '<View><Image name="image" value="$image"/>'
+    '<Choices name="Wearing_Hat" toName="image" hint="a hat or cap on the head"><Choice value="Yes"/>'
+    '<Choice value="No"/></Choices>'
+    '<Choices name="q7" toName="image" mllmAttribute="Eyeglasses"><Choice value="no"/><Choice value="yes"/></Choices>'
+    '<Choices name="mood" toName="image"><Choice value="happy"/><Choice value="sad"/><Choice value="calm"/></Choices>'
+    "</View>"
+)
+
+
+def test_a_yes_no_choices_is_an_attribute_named_by_its_control_or_mllm_attribute():
+    by_name = {c.control: c for c in parse_label_config(ATTRIBUTES_CONFIG).image_choices}
+    assert by_name["Wearing_Hat"].attribute == ("Wearing Hat", ("Yes", "No"))
+    assert by_name["Wearing_Hat"].attribute_hint == "a hat or cap on the head"
+    assert by_name["q7"].attribute == ("Eyeglasses", ("yes", "no"))
+    assert by_name["mood"].attribute is None  # three choices: a classification
+
+
+def test_an_attribute_is_asked_about_by_name_and_answered_in_the_configs_spelling(make_client, monkeypatch):
+    client, service = make_client(CRITIC="on")
+    engine = service.slot.get(timeout=60)
+    asked: list[str] = []
+    original = engine.score_options
+
+    def recording(images, prompt, options):
+        asked.append(prompt)
+        return original(images, prompt, options)
+
+    monkeypatch.setattr(engine, "score_options", recording)
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(noise_image(40, 30, 5))).decode()
+    body = {"tasks": [{"id": 1, "data": {"image": image}}], "label_config": ATTRIBUTES_CONFIG}
+    [prediction] = client.post("/predict", json=body).get_json()["results"]
+    answers = {r["from_name"]: r["value"]["choices"] for r in prediction["result"]}
+    assert answers["Wearing_Hat"][0] in {"Yes", "No"} and answers["q7"][0] in {"yes", "no"}
+    hat = next(p for p in asked if "Wearing Hat" in p)
+    assert "a hat or cap on the head" in hat and "Answer yes or no" in hat
+    assert any("Eyeglasses" in p for p in asked)
+    judged = [p for p in asked if "annotator labelled" in p]
+    assert len(judged) == 1 and answers["mood"][0] in judged[0]  # the critic judges the class, not the attributes

@@ -77,6 +77,18 @@ def classify_images(
     return choose(engine, images, prompt, labels)
 
 
+def attribute_images(
+    engine: Engine, prompts: PromptBook, images: Sequence[Image.Image], attribute: str, answers: tuple[str, str],
+    hint: str | None = None,
+) -> list[Choice]:  # fmt: skip
+    """A binary attribute asked about by its name and definition (CelebA study, arXiv 2410.09416): "yes" and "no"
+    are scored, and each image gets ``answers[0]`` (the control's yes) or ``answers[1]`` (its no)."""
+    definition = prompts.definition(attribute, hint)
+    question = prompts.render("attribute", attribute=attribute, definition=definition)
+    return [Choice(answers[0] if c.label == YES else answers[1], c.probability, answers, c.probabilities, c.mapped)
+            for c in choose(engine, images, question, (YES, NO))]  # fmt: skip
+
+
 def label_groups(labels: Sequence[str], named: dict[str, str], size: int) -> list[tuple[str, ...]]:
     """Named groups first (in order of first appearance), then the ungrouped labels in runs of ``size``."""
     by_name: dict[str, list[str]] = {}

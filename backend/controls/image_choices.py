@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from backend.annotate.choice import Choice
 from backend.annotate.suspicion import Signals
-from backend.annotate.tagging import Tags, TagSettings, classify_images, tag_images
+from backend.annotate.tagging import Tags, TagSettings, attribute_images, classify_images, tag_images
 from backend.controls.base import Asking, Output, Predicted, Question, TaskInput
 from backend.labelstudio.config import (
     CANDIDATE_ATTR,
@@ -18,6 +18,7 @@ from backend.labelstudio.config import (
     ConfigView,
     ImageField,
     LabelSet,
+    binary_attribute,
     is_true,
     number_attr,
 )
@@ -39,6 +40,8 @@ class ImageChoices:
     threshold: float | None = None
     candidate_threshold: float | None = None
     group_size: int | None = None
+    attribute: tuple[str, tuple[str, str]] | None = None  # a yes/no control: (attribute name, (yes, no) choices)
+    attribute_hint: str | None = None  # <Choices hint="...">: the attribute's definition
 
     @property
     def source(self) -> LabelSet:
@@ -62,6 +65,7 @@ class ImageChoices:
                       if a.get("hint") or a.get("alias"))  # fmt: skip
         groups = tuple((label, a["group"]) for label, a in attrs.items() if a.get("group"))
         multiple = control.tag != "Taxonomy" and str(control.attr.get("choice", "single")).lower() == "multiple"
+        attribute = None if multiple or control.tag == "Taxonomy" else binary_attribute(control, label_set.labels)
         return cls(
             control=control.name,
             image=image,
@@ -73,6 +77,8 @@ class ImageChoices:
             threshold=number_attr(control, THRESHOLD_ATTR, 0.0, 1.0),
             candidate_threshold=number_attr(control, CANDIDATE_ATTR, 0.0, 1.0),
             group_size=number_attr(control, GROUP_SIZE_ATTR, 1, 1000, integer=True),  # type: ignore[arg-type]
+            attribute=attribute,
+            attribute_hint=control.attr.get("hint") if attribute else None,
         )
 
     def questions(self, task: TaskInput) -> list[Question]:
@@ -99,6 +105,9 @@ class ImageChoices:
         return image_items(task, self.control, self.image, self.multiple, results, reviewed, score)
 
     def _ask(self, asking: Asking, labels: tuple[str, ...], images: list) -> list[Choice] | list[Tags]:
+        if self.attribute is not None and labels == self.labels:  # asked about by its name, not "which label?"
+            name, answers = self.attribute
+            return attribute_images(asking.engine, asking.prompts, images, name, answers, self.attribute_hint)
         if not self.multiple:
             return classify_images(asking.engine, asking.prompts, images, labels)
         s = asking.settings
@@ -119,9 +128,10 @@ class ImageChoices:
             return self._tags_output(question, answer, hints)
         result_type = "taxonomy" if self.source.paths else "choices"
         signals = Signals(annotator=answer.probability, margin=answer.margin, mapped=answer.mapped)
+        # An attribute's answer already is a yes/no verdict on it: the critic would ask the same question again.
+        predicted = Predicted(answer.label, signals, confirmed=self.attribute is not None)
         return Output(question, self.control, self.image.name, result_type,
-                      self.source.payload(result_type, answer.label), predicted=(Predicted(answer.label, signals),),
-                      hints=hints)  # fmt: skip
+                      self.source.payload(result_type, answer.label), predicted=(predicted,), hints=hints)  # fmt: skip
 
     def _tags_output(self, question: Question, answer: Tags, hints: dict[str, str]) -> Output:
         """The kept tags, with every label's P(present) under ``label_scores`` (kept or not, for per-tag ranking).

@@ -285,6 +285,30 @@ def downstream(shapes: list[_Shape], run: _Run, settings, tasks: int) -> dict[st
     return results
 
 
+def attributes(client, engine, world: World, images: list, settings) -> dict:
+    """Yes/no attributes (CelebA-style): agreement with the truth per attribute and overall, asked about by name
+    through /predict, beside the question they got before ("which label best describes this image? yes / no")."""
+    from backend.annotate.tagging import classify_images
+    from backend.prompts import PromptBook
+
+    config, tasks = _as_label_studio_sends(world, "attributes")
+    run = _predict(client, engine, config, tasks)
+    names = list(world.scenes[0].attributes)
+    truth = {name: ["yes" if scene.attributes[name] else "no" for scene in world.scenes] for name in names}
+    asked = {name: [next((r["value"]["choices"][0] for r in p.get("result", []) if r["from_name"] == name), None)
+                    for p in run.predictions] for name in names}  # fmt: skip
+    book = PromptBook(settings.prompts_dir)
+    unnamed = [c.label for c in classify_images(engine, book, images, ["yes", "no"])]
+    which = {name: unnamed for name in names}  # that question never named the attribute: one answer for all
+
+    def agreement(answers: dict[str, list]) -> dict:
+        per = {n: float(np.mean([a == t for a, t in zip(answers[n], truth[n], strict=True)])) for n in names}
+        return {"per_attribute": per, "overall": float(np.mean(list(per.values())))}
+
+    return {"by_name": agreement(asked), "which_label": agreement(which),
+            "positives": {n: float(np.mean([t == "yes" for t in truth[n]])) for n in names}}  # fmt: skip
+
+
 def fine_names(engine, shapes: list[_Shape], run: _Run, settings, mapper) -> dict[str, dict]:
     """Does a box's fine name flag a wrong label? Its category is mapped onto the label set, and a name that
     disagrees with the box's predicted label is a flag. Asked with the shipped prompt (without the label) and
@@ -396,6 +420,7 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = prin
     report["fine_names"] = fine_names(engine, shapes, run, settings, _mapper(settings))
     report["region_accuracy"] = region_accuracy(client, engine, world)
     report.update(tags(client, engine, world, images, settings, _mapper(settings)))
+    report["attributes"] = attributes(client, engine, world, images, settings)
     report["downstream"] = downstream(shapes, run, settings, tasks)
     report["downstream_reviews_spent"] = REVIEW_SHARE
     report["downstream_by_loss"] = None  # other losses (ACT's corrected loss) come with the critic's rebuild
@@ -441,7 +466,7 @@ KEYS = (
     "review_found_at_20_confidence",
     "ece_raw", "ece_calibrated", "tag_micro_f1", "tag_macro_f1", "tag_precision", "tag_recall", "tag_map",
     "tag_candidate_recall", "tag_candidates_per_image", "tag_questions_per_image", "calls_per_image",
-    "tokens_per_box", "fine_names", "downstream",
+    "tokens_per_box", "fine_names", "attributes", "downstream",
 )  # fmt: skip
 
 

@@ -35,6 +35,17 @@ TEXT_TASK_ATTR = "mllmTask"  # on a <TextArea>: "name", "read", "caption" or "an
 THRESHOLD_ATTR = "mllmThreshold"  # P(yes) a multiple-choice tag needs to be kept
 CANDIDATE_ATTR = "mllmCandidateThreshold"  # group-stage probability a label needs to become a candidate
 GROUP_SIZE_ATTR = "mllmGroupSize"  # labels per group-wise question
+ATTRIBUTE_ATTR = "mllmAttribute"  # on a yes/no <Choices>: the attribute's name, when the control's name is not it
+YES_NO = ("yes", "no")  # a single <Choices> with exactly these choices (any case) is a binary attribute
+
+
+def binary_attribute(control: Any, labels: tuple[str, ...]) -> tuple[str, tuple[str, str]] | None:
+    """A yes/no ``<Choices>``'s attribute name and its (yes, no) choices as the config spells them, or None."""
+    folded = {label.casefold(): label for label in labels}
+    if len(labels) != 2 or set(folded) != set(YES_NO):
+        return None
+    name = control.attr.get(ATTRIBUTE_ATTR) or control.name.replace("_", " ").strip()
+    return name, (folded["yes"], folded["no"])
 
 
 class UnsupportedConfig(ValueError):

@@ -19,7 +19,7 @@ from PIL import Image
 from backend.labelstudio.regions import Box, box_from_region, crop_box
 from backend.prompts import PromptBook, format_labels
 from backend.settings import PACKAGE_PROMPTS
-from backend.shapes.world import CLASSES, DEFINITIONS, GROUPS, REGION_KINDS, Scene, Shape
+from backend.shapes.world import ATTRIBUTES, CLASSES, DEFINITIONS, GROUPS, REGION_KINDS, Scene, Shape
 
 YES, NO, NONE_OF_THESE = "yes", "no", "none of these"
 CONFUSABLE = {"circle": "ellipse", "ellipse": "circle", "square": "rectangle", "rectangle": "square",
@@ -46,6 +46,10 @@ PARAPHRASES: dict[str, tuple[str, ...]] = {
     "tag_candidates": (  # every label of the group that is present (the shipped prompt is the first phrasing)
         'Which of these appear in the picture? List every one you see, separated by commas, or "none of these".\n'
         "{labels}",
+    ),
+    "attribute": (
+        'Is this image "{attribute}" ({definition})? Answer yes or no.',
+        'Here "{attribute}" means {definition}. Does that describe this picture? Answer yes or no.',
     ),
     "tag_confirm": (
         "Is there a {label} in this image? Here it means: {definition}. Answer yes or no.",
@@ -77,9 +81,9 @@ EXTRA: dict[str, tuple[str, ...]] = {
     ),
 }
 MIX = {  # share of each question kind in training
-    "box_label": 0.26, "critic": 0.10, "label_wrong": 0.04, "x_or_y": 0.05, "fine_labelled": 0.10,
-    "box_fine_label": 0.03, "image_choice": 0.06, "tag_most_visible": 0.12, "tag_candidates": 0.08,
-    "tag_confirm": 0.16,
+    "box_label": 0.26, "critic": 0.10, "label_wrong": 0.04, "x_or_y": 0.05, "fine_labelled": 0.05,
+    "box_fine_label": 0.08, "image_choice": 0.06, "tag_most_visible": 0.04, "tag_candidates": 0.12,
+    "tag_confirm": 0.16, "attribute": 0.06,
 }  # fmt: skip
 
 
@@ -195,6 +199,11 @@ def example(
         else:
             answer = ", ".join(present) if present else NONE_OF_THESE
         return Example(image, _fill(template, labels=format_labels(group)), answer, text_first)
+    if kind == "attribute":
+        name = str(rng.choice(list(ATTRIBUTES)))
+        definition = ATTRIBUTES[name] if rng.random() < 0.8 else f"the usual meaning of “{name}”"
+        answer = YES if scene.attributes[name] else NO
+        return Example(image, _fill(template, attribute=name, definition=definition), answer, text_first)
     if kind == "tag_confirm":
         label = str(rng.choice(scene.tags)) if rng.random() < 0.5 else str(rng.choice(CLASSES))
         if rng.random() < 0.3:  # the hard negatives: the partner of a present shape

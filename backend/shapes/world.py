@@ -347,7 +347,8 @@ def label_config(kind: str) -> str:
         f'  <Header value="The largest shape"/>\n  <Choices name="largest" toName="image">{single}\n  </Choices>\n'
     )
     attributes = "".join(
-        f'  <Header value="{name}: {hint}?"/>\n  <Choices name="{name}" toName="image" showInline="true">\n'
+        f'  <Header value="{name}: {hint}?"/>\n'
+        f'  <Choices name="{name}" toName="image" showInline="true" hint="{hint}">\n'
         f'    <Choice value="yes"/>\n    <Choice value="no"/>\n  </Choices>\n'
         for name, hint in ATTRIBUTES.items()
     )
