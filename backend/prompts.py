@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import string
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ TEMPLATES: dict[str, frozenset[str]] = {
     "region_text": frozenset(),
 }
 CONCEPTS_FILE = "concepts.json"
+LETTERS = tuple(string.ascii_uppercase)
 
 
 class PromptError(ValueError):
@@ -119,3 +121,30 @@ def _parse_concepts(path: Path, text: str) -> dict[str, str]:
 
 def format_labels(labels: tuple[str, ...] | list[str]) -> str:
     return "\n".join(f"- {label}" for label in labels)
+
+
+LETTER_INSTRUCTION = "Answer with the letter of one option only."
+_OWN_INSTRUCTION = re.compile(r"(?:^|(?<=[.?!:]))[ \t]*(?:Answer|Reply|Respond|Give)\b[^\n]*$", re.MULTILINE)
+
+
+def lettered_question(prompt: str, options: Sequence[str]) -> str:
+    """``prompt`` asked with lettered options and one instruction: answer with a letter.
+
+    Where the prompt lists every option as a "- option" line (the shipped label questions), those lines
+    get their letters in place; otherwise the lettered options follow the prompt. The prompt's own answer
+    instruction (a last sentence that starts with "Answer", "Reply", "Respond" or "Give", e.g. "Answer with
+    exactly one label from the list." or "Answer yes or no.") gives way to the letter instruction, so the two
+    never contradict.
+    """
+    lines = prompt.rstrip().splitlines()
+    bullets = {f"- {option}": f"{LETTERS[i]}. {option}" for i, option in enumerate(options)}
+    in_place = set(bullets) <= {line.strip() for line in lines}
+    if in_place:
+        lines = [bullets.get(line.strip(), line) for line in lines]
+    if lines and _OWN_INSTRUCTION.search(lines[-1]):
+        lines[-1] = _OWN_INSTRUCTION.sub("", lines[-1]).rstrip()
+        if not lines[-1]:
+            lines.pop()
+    if not in_place:
+        lines += ["", "Options:", *bullets.values()]
+    return "\n".join([*lines, LETTER_INSTRUCTION])

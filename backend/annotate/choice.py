@@ -1,13 +1,34 @@
-"""Constrained choice: the model picks one of a fixed set of answers, scored by log-probability."""
+"""Choosing one label from a fixed set for an image or crop, in one of three modes (arXiv 2603.06578).
+
+- ``"closed"`` (default): every label is scored as the answer by log-probability, and the
+  probabilities are a softmax over the label set.
+- ``"multiple-choice"``: the labels are listed with letters (A, B, …) and the letters are
+  scored; the letters carry no meaning of their own, so a label's wording does not favour it.
+- ``"open-world"``: the model answers freely ("Dachshund (Dog)"); the answer's category is
+  mapped onto the nearest label by the text encoder. An answer no label is similar enough to
+  (below ``MAPPING_MIN_SIMILARITY``) is kept as an out-of-set **suggestion**, a candidate new
+  class, beside the nearest label, which it still gets so that nothing is dropped.
+
+Option order: a model may favour labels by their place in the list. ``orders`` > 1 asks
+again with the list rotated (cyclic orders, evenly spaced) and averages the probabilities.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
 from PIL import Image
 
 from backend.models.engine import Engine
+from backend.prompts import LETTERS, lettered_question
+
+LabelMode = Literal["closed", "multiple-choice", "open-world"]
+LABEL_MODES: tuple[LabelMode, ...] = ("closed", "multiple-choice", "open-world")
+OPEN_ANSWER_TOKENS = 24
 
 
 @dataclass(frozen=True)
@@ -17,6 +38,7 @@ class Choice:
     labels: tuple[str, ...]
     probabilities: tuple[float, ...]  # one per label, summing to 1
     mapped: float = 0.0  # share of the model's free-text answers that had to be mapped onto the label set
+    suggestion: str | None = None  # an open answer no label was similar enough to: a candidate new class
 
     @property
     def margin(self) -> float:
@@ -26,13 +48,71 @@ class Choice:
 
 
 def choose(engine: Engine, images: Sequence[Image.Image], prompt: str, labels: Sequence[str]) -> list[Choice]:
-    """For each image, the most probable of ``labels`` as the answer to ``prompt``."""
+    """For each image, the most probable of ``labels`` as the answer to ``prompt`` (closed, as listed)."""
     scores = engine.score_options(images, prompt, labels)
     mapped = scores.mapped if scores.mapped is not None else [0.0] * len(images)
+    return [_choice(labels, row, share) for row, share in zip(scores.probabilities, mapped, strict=True)]
+
+
+def choose_label(
+    engine: Engine, images: Sequence[Image.Image], question: Callable[[Sequence[str]], str], labels: Sequence[str],
+    *, mode: LabelMode = "closed", orders: int = 1, open_prompt: str | None = None, mapper=None,
+) -> list[Choice]:  # fmt: skip
+    """For each image, one of ``labels``: ``question(order)`` renders the question listing the labels in that
+    order; ``mode`` and ``orders`` as in the module's docstring (``open_prompt`` and ``mapper`` for open-world)."""
+    if mode == "open-world":
+        return _open(engine, images, open_prompt or question(labels), labels, mapper)
+    if mode == "multiple-choice" and len(labels) > len(LETTERS):
+        mode = "closed"  # more labels than letters: scored by their text
+    totals = np.zeros((len(images), len(labels)))
+    mapped = np.zeros(len(images))
+    rotations = _rotations(len(labels), orders)
+    for shift in rotations:
+        order = [*labels[shift:], *labels[:shift]]
+        prompt = question(order)
+        if mode == "multiple-choice":
+            scores = engine.score_options(images, lettered_question(prompt, order), LETTERS[: len(order)])
+        else:
+            scores = engine.score_options(images, prompt, order)
+        back = [order.index(label) for label in labels]  # each label's column in this order
+        totals += scores.probabilities[:, back]
+        mapped += scores.mapped if scores.mapped is not None else 0.0
+    return [_choice(labels, row / len(rotations), share / len(rotations))
+            for row, share in zip(totals, mapped, strict=True)]  # fmt: skip
+
+
+def _rotations(count: int, orders: int) -> list[int]:
+    """``orders`` cyclic shifts of a list of ``count``, evenly spaced (0 first: the order as configured)."""
+    k = max(1, min(orders, count))
+    return sorted({round(i * count / k) % count for i in range(k)})
+
+
+def _choice(labels: Sequence[str], row: np.ndarray, mapped: float = 0.0, suggestion: str | None = None) -> Choice:
+    best = int(np.argmax(row))
+    return Choice(labels[best], float(row[best]), tuple(labels), tuple(float(p) for p in row), float(mapped),
+                  suggestion)  # fmt: skip
+
+
+def _open(engine: Engine, images: Sequence[Image.Image], prompt: str, labels: Sequence[str], mapper) -> list[Choice]:
+    """Free answers mapped onto the labels. The chosen label's probability is the answer's geometric-mean token
+    probability (times its similarity when mapped); the rest is shared by the other labels."""
+    from backend.annotate.boxes import name_category
+
     choices = []
-    for row, share in zip(scores.probabilities, mapped, strict=True):
-        best = int(row.argmax())
-        choices.append(
-            Choice(labels[best], float(row[best]), tuple(labels), tuple(float(p) for p in row), float(share))
-        )
+    for generation in engine.generate(images, prompt, max_new_tokens=OPEN_ANSWER_TOKENS):
+        category = name_category(generation.text)
+        mapping = mapper.map(category, labels) if mapper is not None else None
+        exact = next((label for label in labels if label.casefold() == category.casefold()), None)
+        nearest = exact or (mapping.nearest if mapping is not None else None)
+        logprobs = generation.token_logprobs or ()
+        sureness = math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.5
+        if nearest is None:  # nothing to map with: the answer is a suggestion, every label equally likely
+            choices.append(_choice(labels, np.full(len(labels), 1 / len(labels)), 1.0, generation.text or None))
+            continue
+        similarity = 1.0 if exact else max(0.0, mapping.similarity)
+        p = min(max(sureness * similarity, 1e-3), 1.0)
+        row = np.full(len(labels), (1.0 - p) / max(1, len(labels) - 1)) if len(labels) > 1 else np.ones(1)
+        row[list(labels).index(nearest)] = p if len(labels) > 1 else 1.0
+        below_floor = not exact and (mapping is None or mapping.label is None)
+        choices.append(_choice(labels, row, 0.0 if exact else 1.0, generation.text if below_floor else None))
     return choices

@@ -28,6 +28,7 @@ class Mapping:
     label: str | None  # None: nothing in the label set is similar enough
     similarity: float
     exact: bool
+    nearest: str | None = None  # the most similar label, even below the floor (None: no label, or empty text)
 
     @property
     def mapped(self) -> bool:
@@ -50,14 +51,14 @@ class LabelMapper:
         folded = _fold(text)
         for label in labels:
             if folded and folded == _fold(label):
-                return Mapping(text, label, 1.0, exact=True)
+                return Mapping(text, label, 1.0, exact=True, nearest=label)
         if not folded or not labels:
             return Mapping(text, None, 0.0, exact=False)
         similarities = self._vectors(tuple(labels)) @ self.encoder.encode([text])[0]
         best = int(np.argmax(similarities))
         similarity = float(similarities[best])
         label = labels[best] if similarity >= self.min_similarity else None
-        return Mapping(text, label, similarity, exact=False)
+        return Mapping(text, label, similarity, exact=False, nearest=labels[best])
 
     def index(self, text: str, labels: Sequence[str]) -> int | None:
         """The position of the label ``text`` maps to, or None."""

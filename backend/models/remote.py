@@ -26,7 +26,6 @@ import logging
 import math
 import random
 import re
-import string
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,10 +38,10 @@ from PIL import Image
 
 from backend import deadline
 from backend.models.engine import EngineError, EngineUnavailable, Generation, OptionScores
+from backend.prompts import LETTERS, lettered_question
 
 log = logging.getLogger(__name__)
 
-LETTERS = string.ascii_uppercase
 SMOOTHING = 0.5
 MAX_IMAGE_SIDE = 2048
 TOP_LOGPROBS = 20
@@ -63,32 +62,6 @@ def image_data_url(image: Image.Image) -> str:
         image.save(buffer, format="PNG")
         mime = "image/png"
     return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode()}"
-
-
-LETTER_INSTRUCTION = "Answer with the letter of one option only."
-_OWN_INSTRUCTION = re.compile(r"(?:^|(?<=[.?!:]))[ \t]*Answer\b[^\n]*$", re.MULTILINE)
-
-
-def lettered_question(prompt: str, options: Sequence[str]) -> str:
-    """``prompt`` asked with lettered options and one instruction: answer with a letter.
-
-    Where the prompt lists every option as a "- option" line (the shipped label questions), those lines
-    get their letters in place; otherwise the lettered options follow the prompt. The prompt's own answer
-    instruction (a last sentence that starts with "Answer", e.g. "Answer with exactly one label from
-    the list." or "Answer yes or no.") gives way to the letter instruction, so the two never contradict.
-    """
-    lines = prompt.rstrip().splitlines()
-    bullets = {f"- {option}": f"{LETTERS[i]}. {option}" for i, option in enumerate(options)}
-    in_place = set(bullets) <= {line.strip() for line in lines}
-    if in_place:
-        lines = [bullets.get(line.strip(), line) for line in lines]
-    if lines and _OWN_INSTRUCTION.search(lines[-1]):
-        lines[-1] = _OWN_INSTRUCTION.sub("", lines[-1]).rstrip()
-        if not lines[-1]:
-            lines.pop()
-    if not in_place:
-        lines += ["", "Options:", *bullets.values()]
-    return "\n".join([*lines, LETTER_INSTRUCTION])
 
 
 def match_answer(text: str, options: Sequence[str], lettered: bool) -> int | None:
@@ -251,7 +224,8 @@ class OpenAIEngine:
     def _score_one(self, image: Image.Image, prompt: str, options: Sequence[str]) -> tuple[np.ndarray, float]:
         """Scores for one image, and the share of its answers that were mapped from out-of-set text."""
         lettered = len(options) <= len(LETTERS)
-        question = lettered_question(prompt, options) if lettered else prompt
+        asked_lettered = tuple(options) == LETTERS[: len(options)]  # the prompt already lists them by letter
+        question = lettered_question(prompt, options) if lettered and not asked_lettered else prompt
         if lettered and self._has_logprobs is not False:
             first = self.chat(image, question, max_tokens=4, temperature=0, logprobs=True, top_logprobs=TOP_LOGPROBS)
             scores = _letter_logprobs(first, len(options))

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from backend.labelstudio.regions import Box, box_from_region, crop_box
-from backend.prompts import PromptBook, format_labels
+from backend.prompts import LETTERS, PromptBook, format_labels, lettered_question
 from backend.settings import PACKAGE_PROMPTS
 from backend.shapes.world import ATTRIBUTES, CLASSES, DEFINITIONS, GROUPS, REGION_KINDS, Scene, Shape
 
@@ -80,10 +80,11 @@ EXTRA: dict[str, tuple[str, ...]] = {
         "Give a precise name for this {label}, then its general category in parentheses. Name only.",
     ),
 }
+LETTERED = {"box_lettered": "box_label", "image_lettered": "image_choice"}  # a label question, asked with letters
 MIX = {  # share of each question kind in training
     "box_label": 0.26, "critic": 0.10, "label_wrong": 0.04, "x_or_y": 0.05, "fine_labelled": 0.05,
     "box_fine_label": 0.08, "image_choice": 0.06, "tag_most_visible": 0.04, "tag_candidates": 0.12,
-    "tag_confirm": 0.16, "attribute": 0.06,
+    "tag_confirm": 0.16, "attribute": 0.06, "box_lettered": 0.05, "image_lettered": 0.02,
 }  # fmt: skip
 
 
@@ -168,6 +169,11 @@ def example(
     kind: str, rng: np.random.Generator, scene: Scene, image: Image.Image, templates: tuple[str, ...]
 ) -> Example:
     """One example of ``kind`` about ``scene`` with a template drawn from ``templates``."""
+    if kind in LETTERED:  # the same question with lettered options (mllmMode="multiple-choice"): answer a letter
+        asked = example(LETTERED[kind], rng, scene, image, templates)
+        listed = [line[2:] for line in asked.prompt.splitlines() if line.startswith("- ")]
+        return Example(asked.image, lettered_question(asked.prompt, listed), LETTERS[listed.index(asked.answer)],
+                       asked.text_first)  # fmt: skip
     template = str(rng.choice(templates))
     text_first = bool(rng.random() < 0.15)
     shape = scene.shapes[int(rng.integers(len(scene.shapes)))]
@@ -221,7 +227,7 @@ def examples(
     mix = kinds or MIX
     names, weights = list(mix), np.array(list(mix.values()))
     book = prompts or PromptBook(PACKAGE_PROMPTS)
-    templates: dict[str, tuple[str, ...]] = {k: phrasings(k, book, held_out=held_out) for k in names}
+    templates = {k: phrasings(LETTERED.get(k, k), book, held_out=held_out) for k in names}
     picked: list[Example] = []
     for _ in range(count):
         kind = names[int(rng.choice(len(names), p=weights / weights.sum()))]

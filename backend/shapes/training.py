@@ -26,13 +26,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from backend.devtools.tiny import LLAVA_TEMPLATE
-from backend.prompts import PromptBook, format_labels
+from backend.prompts import LETTER_INSTRUCTION, LETTERS, PromptBook, format_labels
 from backend.settings import PACKAGE_PROMPTS
 from backend.shapes.questions import EXTRA, NONE_OF_THESE, PARAPHRASES, Example, examples
-from backend.shapes.world import CLASSES, COLOURS, DEFINITIONS, TEXTURES, WORLD_VERSION, generate_world
+from backend.shapes.world import ATTRIBUTES, CLASSES, COLOURS, DEFINITIONS, TEXTURES, WORLD_VERSION, generate_world
 
 SHIPPED = Path(__file__).resolve().parent / "model"
-TRAINING_SEEDS = tuple(range(0, 24))  # world seeds the model learns from (the quality harness judges on 2000+)
+TRAINING_SEEDS = tuple(range(0, 24))  # world seeds the model learns from (the quality harness judges on 1000+)
+SCENE_SEEDS = tuple(range(24, 80))  # more whole scenes for stage 1's "which classes" head: scenes need many more
 SCENES_PER_SEED = 250
 IMAGE_SIZE, PATCH = 48, 8
 Log = Callable[[str], None]
@@ -43,7 +44,17 @@ def _corpus(prompts: PromptBook) -> list[str]:
     templates = [prompts.template(k) for k in PARAPHRASES] + [t for group in (*PARAPHRASES.values(),
                  *EXTRA.values()) for t in group]  # fmt: skip
     names = [f"{t} {c} {s} ({s})" for t in TEXTURES for c in COLOURS for s in CLASSES]
-    return [*templates, format_labels(CLASSES), *DEFINITIONS.values(), *names, f"yes no {NONE_OF_THESE} , ."] * 3
+    lettered = ["Options: " + " ".join(f"{letter}." for letter in LETTERS[:8]), LETTER_INSTRUCTION]
+    attributes = [f'"{name}" {hint}' for name, hint in ATTRIBUTES.items()]
+    return [
+        *templates,
+        format_labels(CLASSES),
+        *DEFINITIONS.values(),
+        *names,
+        f"yes no {NONE_OF_THESE} , .",
+        *lettered,
+        *attributes,
+    ] * 3
 
 
 def _tokenizer(prompts: PromptBook) -> PreTrainedTokenizerFast:
@@ -115,7 +126,7 @@ def _scenes(seeds: tuple[int, ...]):
     return [pair for seed in seeds for pair in generate_world(tasks=SCENES_PER_SEED, seed=seed)]
 
 
-def pretrain_vision(model, processor, scenes, *, steps: int, seed: int, log: Log) -> None:
+def pretrain_vision(model, processor, scenes, *, steps: int, seed: int, log: Log, more_scenes=()) -> None:
     """Stage 1: teach the vision tower what is in a crop (class, colour, texture) and in a scene (which classes).
 
     A vision transformer learns this in a couple of minutes from direct labels, while learning it only through
@@ -136,6 +147,7 @@ def pretrain_vision(model, processor, scenes, *, steps: int, seed: int, log: Log
                 crops.append(region_crop(image, scene, shape, style))
                 targets.append((CLASSES.index(shape.cls), list(COLOURS).index(shape.colour),
                                 TEXTURES.index(shape.texture)))  # fmt: skip
+    for scene, image in [*scenes, *more_scenes]:
         scenes_px.append(image)
         tags.append([float(c in scene.tags) for c in CLASSES])
     crop_px = processor.image_processor(images=crops, return_tensors="pt")["pixel_values"]
@@ -164,15 +176,17 @@ def pretrain_vision(model, processor, scenes, *, steps: int, seed: int, log: Log
 
 def train_shapes_model(
     out: Path, *, steps: int = 3000, vision_steps: int = 2500, batch_size: int = 32, learning_rate: float = 1e-3,
-    seed: int = 0, seeds: tuple[int, ...] = TRAINING_SEEDS, log: Log = print,
+    seed: int = 0, seeds: tuple[int, ...] = TRAINING_SEEDS, scene_seeds: tuple[int, ...] = SCENE_SEEDS,
+    log: Log = print,
 ) -> dict:  # fmt: skip
     """Train from scratch into ``out`` (stage 1: the vision tower; stage 2: everything, on the questions) and
     return what ``training.json`` records."""
     prompts = PromptBook(PACKAGE_PROMPTS)
     model, processor = build(seed, prompts)
-    scenes = _scenes(seeds)
+    scenes, more_scenes = _scenes(seeds), _scenes(scene_seeds)
     started_vision = time.monotonic()
-    pretrain_vision(model, processor, scenes, steps=vision_steps, seed=seed, log=log)
+    pretrain_vision(model, processor, scenes, steps=vision_steps, seed=seed, log=log, more_scenes=more_scenes)
+    scenes += more_scenes  # stage 2 asks about every scene
     vision_seconds = time.monotonic() - started_vision
     rng = np.random.default_rng([seed, 7])
     tower = set(model.model.vision_tower.parameters())
@@ -202,7 +216,8 @@ def train_shapes_model(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    record = {"world_version": WORLD_VERSION, "training_seeds": list(seeds), "scenes_per_seed":
+    record = {"world_version": WORLD_VERSION, "training_seeds": list(seeds), "scene_seeds": list(scene_seeds),
+              "scenes_per_seed":
               SCENES_PER_SEED, "model_seed": seed, "vision_steps": vision_steps, "steps": steps,
               "batch_size": batch_size, "learning_rate": learning_rate,
               "seconds": round(time.monotonic() - started + vision_seconds, 1)}  # fmt: skip
