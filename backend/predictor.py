@@ -124,6 +124,7 @@ def model_version(s: Settings, prompts: PromptBook) -> str:
         return s.model_version
     parts = [s.mllm_provider, s.mllm_model, s.mllm_quantization, s.mllm_option_scoring, prompts.fingerprint(),
              SCORING, f"{s.tag_method}:{s.tag_threshold:g}/{s.tag_candidate_threshold:g}/{s.tag_group_size}",
+             f"{s.label_mode}/{s.option_orders}",
              f"{s.box_padding:g}/{s.box_min_side}", f"critic={s.critic}:{s.critic_provider}:{s.critic_model}",
              f"cascade={s.cascade}:{s.cascade_threshold:g}"]  # fmt: skip
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
@@ -270,6 +271,8 @@ class Predictor:
                     if output.region_label is not None and output.region is not None:
                         asking.region_labels.setdefault((question.task, output.region.id), output.region_label)
                     self.telemetry.regions.labels(kind=_kind(output)).inc()
+                    if output.out_of_set is not None:
+                        self.telemetry.out_of_set.inc()
 
     def _late_message(self) -> str:
         return (

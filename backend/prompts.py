@@ -21,6 +21,7 @@ TEMPLATES: dict[str, frozenset[str]] = {
     "tag_candidates": frozenset({"labels"}),
     "tag_confirm": frozenset({"label", "definition"}),
     "attribute": frozenset({"attribute", "definition"}),
+    "open_label": frozenset(),
     "critic": frozenset({"label", "definition"}),
     "caption": frozenset(),
     "answer": frozenset({"question"}),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from backend.annotate.choice import LABEL_MODES
 from backend.annotate.tagging import TAG_METHODS
 
 PACKAGE_PROMPTS = Path(__file__).resolve().parent / "default_prompts"  # prompts/, also inside an installed wheel
@@ -63,6 +64,8 @@ class Settings:
     tag_candidate_threshold: float = 0.1
     tag_group_size: int = 10
     tag_method: str = "tagllm"  # one of annotate.tagging.TAG_METHODS
+    label_mode: str = "closed"  # one of annotate.choice.LABEL_MODES; a control's mllmMode wins
+    option_orders: int = 1  # cyclic orders of a label list averaged over (1: as configured)
     box_padding: float = 0.0
     box_min_side: int = 32
     text_encoder: str | None = None
@@ -264,6 +267,8 @@ class _Reader:
             tag_candidate_threshold=self.number("TAG_CANDIDATE_THRESHOLD", 0.1, 0.0, 1.0),
             tag_group_size=self.integer("TAG_GROUP_SIZE", 10, 1),
             tag_method=self.choice("TAG_METHOD", "tagllm", TAG_METHODS),
+            label_mode=self.choice("LABEL_MODE", "closed", LABEL_MODES),
+            option_orders=self.integer("OPTION_ORDERS", 1, 1),
             box_padding=self.number("BOX_PADDING", 0.0, 0.0, 10.0),
             box_min_side=self.integer("BOX_MIN_SIDE", 32, 1),
             text_encoder=self.text("TEXT_ENCODER"),

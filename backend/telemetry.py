@@ -47,6 +47,11 @@ class Telemetry:
             "Boxes the trained classifier labelled instead of the MLLM (CASCADE=on)",
             registry=self.registry,
         )
+        self.out_of_set = Counter(
+            "mllm_backend_out_of_set_answers",
+            "Open-world answers no label was similar enough to (kept as the result's out_of_set suggestion)",
+            registry=self.registry,
+        )
         self.model_ready = Gauge(
             "mllm_backend_model_ready", "1 when the model is loaded and serving", registry=self.registry
         )

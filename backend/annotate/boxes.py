@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from backend.annotate.choice import Choice, choose
+from backend.annotate.choice import Choice, LabelMode, choose_label
 from backend.annotate.mapping import LabelMapper, Mapping
 from backend.annotate.texts import READING_TOKENS, as_text
 from backend.models.engine import Engine
@@ -32,11 +32,20 @@ class FineName:
 
 
 def label_crops(
-    engine: Engine, prompts: PromptBook, crops: Sequence[Image.Image], labels: Sequence[str]
-) -> list[Choice]:
-    """One label from ``labels`` for each crop, with its probability over the label set."""
-    prompt = prompts.render("box_label", labels=format_labels(labels))
-    return choose(engine, crops, prompt, labels)
+    engine: Engine, prompts: PromptBook, crops: Sequence[Image.Image], labels: Sequence[str], *,
+    mode: LabelMode = "closed", orders: int = 1, mapper: LabelMapper | None = None,
+) -> list[Choice]:  # fmt: skip
+    """One label from ``labels`` for each crop, with its probability over the label set (modes: annotate.choice)."""
+    return choose_label(
+        engine,
+        crops,
+        lambda order: prompts.render("box_label", labels=format_labels(order)),
+        labels,
+        mode=mode,
+        orders=orders,
+        open_prompt=prompts.render("open_label"),
+        mapper=mapper,
+    )
 
 
 def name_crops(

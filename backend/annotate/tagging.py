@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from backend.annotate.choice import Choice, choose
+from backend.annotate.choice import Choice, LabelMode, choose, choose_label
 from backend.annotate.mapping import LabelMapper
 from backend.models.engine import Engine
 from backend.prompts import PromptBook, format_labels
@@ -71,10 +71,20 @@ class Tags:
 
 
 def classify_images(
-    engine: Engine, prompts: PromptBook, images: Sequence[Image.Image], labels: Sequence[str]
-) -> list[Choice]:
-    prompt = prompts.render("image_choice", labels=format_labels(labels))
-    return choose(engine, images, prompt, labels)
+    engine: Engine, prompts: PromptBook, images: Sequence[Image.Image], labels: Sequence[str], *,
+    mode: LabelMode = "closed", orders: int = 1, mapper: LabelMapper | None = None,
+) -> list[Choice]:  # fmt: skip
+    """One label from ``labels`` for each whole image (modes: annotate.choice)."""
+    return choose_label(
+        engine,
+        images,
+        lambda order: prompts.render("image_choice", labels=format_labels(order)),
+        labels,
+        mode=mode,
+        orders=orders,
+        open_prompt=prompts.render("open_label"),
+        mapper=mapper,
+    )
 
 
 def attribute_images(

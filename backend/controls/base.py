@@ -17,7 +17,7 @@ from PIL import Image
 
 from backend.annotate.suspicion import Signals
 from backend.labelstudio.protocol import TaskError
-from backend.labelstudio.regions import LABEL_SCORES, Box, box_result, image_result
+from backend.labelstudio.regions import LABEL_SCORES, OUT_OF_SET, Box, box_result, image_result
 
 if TYPE_CHECKING:
     from backend.annotate.mapping import LabelMapper
@@ -104,6 +104,7 @@ class Output:
     opinion: str | None = None  # the label this output's text implies for its region (a fine name's category)
     hints: dict[str, str] = field(default_factory=dict)  # label → definition, for the critic
     label_scores: dict[str, float] | None = None  # every label's probability, written beside the chosen ones
+    out_of_set: str | None = None  # an open-world answer no label was similar enough to: a candidate new class
 
     @property
     def region(self) -> Box | None:
@@ -121,6 +122,8 @@ class Output:
             result = image_result(self.control, self.to_name, self.result_type, self.value, score)
         if self.label_scores is not None:  # Label Studio stores and exports a result's extra keys as they are
             result[LABEL_SCORES] = self.label_scores
+        if self.out_of_set is not None:
+            result[OUT_OF_SET] = self.out_of_set
         return result
 
 

@@ -20,6 +20,7 @@ from backend.labelstudio.config import (
     LabelSet,
     binary_attribute,
     is_true,
+    mode_attr,
     number_attr,
 )
 from backend.labelstudio.export import Comparison, compare_labels, compare_tags, image_items
@@ -42,6 +43,7 @@ class ImageChoices:
     group_size: int | None = None
     attribute: tuple[str, tuple[str, str]] | None = None  # a yes/no control: (attribute name, (yes, no) choices)
     attribute_hint: str | None = None  # <Choices hint="...">: the attribute's definition
+    mode: str | None = None  # mllmMode for a single choice (None: the LABEL_MODE setting)
 
     @property
     def source(self) -> LabelSet:
@@ -79,6 +81,7 @@ class ImageChoices:
             group_size=number_attr(control, GROUP_SIZE_ATTR, 1, 1000, integer=True),  # type: ignore[arg-type]
             attribute=attribute,
             attribute_hint=control.attr.get("hint") if attribute else None,
+            mode=mode_attr(control),
         )
 
     def questions(self, task: TaskInput) -> list[Question]:
@@ -109,7 +112,9 @@ class ImageChoices:
             name, answers = self.attribute
             return attribute_images(asking.engine, asking.prompts, images, name, answers, self.attribute_hint)
         if not self.multiple:
-            return classify_images(asking.engine, asking.prompts, images, labels)
+            return classify_images(asking.engine, asking.prompts, images, labels, mode=self.mode or
+                                   asking.settings.label_mode, orders=asking.settings.option_orders,
+                                   mapper=asking.mapper)  # type: ignore[arg-type]  # fmt: skip
         s = asking.settings
         tag_settings = TagSettings(
             threshold=self.threshold if self.threshold is not None else s.tag_threshold,
@@ -131,7 +136,8 @@ class ImageChoices:
         # An attribute's answer already is a yes/no verdict on it: the critic would ask the same question again.
         predicted = Predicted(answer.label, signals, confirmed=self.attribute is not None)
         return Output(question, self.control, self.image.name, result_type,
-                      self.source.payload(result_type, answer.label), predicted=(predicted,), hints=hints)  # fmt: skip
+                      self.source.payload(result_type, answer.label), predicted=(predicted,), hints=hints,
+                      out_of_set=answer.suggestion)  # fmt: skip
 
     def _tags_output(self, question: Question, answer: Tags, hints: dict[str, str]) -> Output:
         """The kept tags, with every label's P(present) under ``label_scores`` (kept or not, for per-tag ranking).

@@ -12,7 +12,7 @@ from backend.annotate.boxes import label_crops
 from backend.annotate.choice import Choice
 from backend.annotate.suspicion import Signals
 from backend.controls.base import Asking, Output, Predicted, Question, TaskInput
-from backend.labelstudio.config import LABELLED_SHAPES, ConfigView, ImageField, LabelSet, is_true
+from backend.labelstudio.config import LABELLED_SHAPES, ConfigView, ImageField, LabelSet, is_true, mode_attr
 from backend.labelstudio.export import Comparison, compare_labels, region_items
 
 
@@ -27,6 +27,7 @@ class RegionLabels:
     result_type: str  # "rectanglelabels", "polygonlabels", ..., "labels", "choices" or "taxonomy"
     region_controls: tuple[str, ...]
     label_set: LabelSet | None = None  # None: ``labels``, written in the config
+    mode: str | None = None  # mllmMode (None: the LABEL_MODE setting)
 
     @property
     def source(self) -> LabelSet:
@@ -50,7 +51,7 @@ class RegionLabels:
         else:
             result_type = "labels" if control.tag == "Labels" else control.tag.lower()
             drawn = view.region_controls(image)
-        return cls(control.name, image, label_set.labels, result_type, drawn, label_set.dynamic)
+        return cls(control.name, image, label_set.labels, result_type, drawn, label_set.dynamic, mode_attr(control))
 
     def questions(self, task: TaskInput) -> list[Question]:
         mine = task.drawn_with(self.region_controls, self.image)
@@ -62,7 +63,7 @@ class RegionLabels:
     def answer(self, asking: Asking, questions: Sequence[Question]) -> list[Output | None]:
         cascaded = self._cascade(asking, questions)
         rest = [q for i, q in enumerate(questions) if i not in cascaded]
-        asked = iter(_label(asking, rest))
+        asked = iter(_label(asking, rest, self.mode or asking.settings.label_mode))
         outputs: list[Output | None] = []
         for index, question in enumerate(questions):
             choice = cascaded[index] if index in cascaded else next(asked)
@@ -71,7 +72,7 @@ class RegionLabels:
                 question, self.control, self.image.name, self.result_type,
                 self.source.payload(self.result_type, choice.label),
                 predicted=(Predicted(choice.label, signals, from_classifier=index in cascaded),),
-                region_label=choice.label,
+                region_label=choice.label, out_of_set=choice.suggestion,
             ))  # fmt: skip
         return outputs
 
@@ -97,11 +98,13 @@ class RegionLabels:
         return sure
 
 
-def _label(asking: Asking, questions: Sequence[Question]) -> list[Choice]:
+def _label(asking: Asking, questions: Sequence[Question], mode) -> list[Choice]:
     """Each crop's label from its own label set (a set read from task data can differ between tasks)."""
     answers: dict[int, Choice] = {}
     for labels in dict.fromkeys(q.labels for q in questions):
         indices = [i for i, q in enumerate(questions) if q.labels == labels]
         crops = [questions[i].image for i in indices]
-        answers.update(zip(indices, label_crops(asking.engine, asking.prompts, crops, labels), strict=True))
+        chosen = label_crops(asking.engine, asking.prompts, crops, labels, mode=mode,
+                             orders=asking.settings.option_orders, mapper=asking.mapper)  # fmt: skip
+        answers.update(zip(indices, chosen, strict=True))
     return [answers[i] for i in range(len(questions))]

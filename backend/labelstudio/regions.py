@@ -335,6 +335,7 @@ def box_label(region: dict[str, Any]) -> str | None:
 
 
 LABEL_SCORES = "label_scores"  # a result's key for every label's probability (multiple-choice tags), kept or not
+OUT_OF_SET = "out_of_set"  # a result's key for an open-world answer outside the label set (a candidate new class)
 
 
 def label_scores(result: dict[str, Any]) -> dict[str, float] | None:
