@@ -126,3 +126,52 @@ def test_eval_command_reads_a_tasks_file(tmp_path):
                        tmp_path / "tasks.json", tmp_path / "config.xml", "v1", tmp_path / "out", Pricing())  # fmt: skip
     assert json.loads((tmp_path / "out" / "report.json").read_text())["labels"]["accuracy"] == pytest.approx(0.6)
     assert len(written) >= 5
+
+
+VOTE_CONFIG = """<View><Image name="image" value="$image"/>
+<Choices name="Smiling" toName="image"><Choice value="yes"/><Choice value="no"/></Choices>
+<RectangleLabels name="label" toName="image"><Label value="Cat"/><Label value="Dog"/></RectangleLabels>
+</View>"""
+
+
+def smiling(answer: str) -> dict:
+    return {"id": "s", "from_name": "Smiling", "to_name": "image", "type": "choices", "value": {"choices": [answer]}}
+
+
+def voted_task(answers: list[str], model: str, lead_times: list[float]) -> dict:
+    annotations = [{"result": [smiling(a)], "was_cancelled": False, "lead_time": t, "updated_at": f"2026-01-0{i}"}
+                   for i, (a, t) in enumerate(zip(answers, lead_times, strict=True))]  # fmt: skip
+    return {
+        "id": 1,
+        "data": {"image": "data:,"},
+        "annotations": annotations,
+        "predictions": [{"model_version": "v1", "score": 0.6, "result": [{**smiling(model), "score": 0.6}]}],
+    }
+
+
+@pytest.mark.parametrize("answers, model, decided", [
+    (["no", "yes", "no"], "yes", "no"),  # two people against one person and the model: a tie keeps the latest
+    (["no", "yes"], "yes", "yes"),  # the model breaks the tie between two people
+    (["yes", "yes", "no"], "no", "no"),  # 2-2: the latest annotation's answer stands
+    (["yes"], "no", "yes"),  # one annotation: no vote
+])  # fmt: skip
+def test_several_answers_to_an_attribute_are_decided_by_majority_with_the_model_as_a_voter(answers, model, decided):
+    from backend.labelstudio.export import compare_task, labelled_items
+
+    spec = parse_label_config(VOTE_CONFIG)
+    task = voted_task(answers, model, [4.0] * len(answers))
+    comparison = compare_task(task, spec, "v1")
+    [pair] = comparison.labels
+    assert pair.human == decided and comparison.human_seconds == 4.0 * len(answers)
+    [item] = labelled_items(task, spec)
+    assert item.labels == (decided,) and item.reviewed
+
+
+def test_a_label_matching_any_of_several_human_labels_counts_in_accuracy_any():
+    from backend.labelstudio.export import LabelPair
+
+    pairs = [LabelPair(1, "c", "r1", "Dog", "Puppy", 0.9, ("Puppy", "Dog")), LabelPair(1, "c", "r2", "Cat", "Cat", 0.9),
+             LabelPair(2, "c", "r3", "Cat", "Dog", 0.4, ("Dog",))]  # fmt: skip
+    measured = metrics.label_accuracy(pairs)
+    assert measured["accuracy"] == pytest.approx(1 / 3) and measured["accuracy_any"] == pytest.approx(2 / 3)
+    assert measured["multi_labelled"] == 1

@@ -12,15 +12,22 @@ from backend.labelstudio.export import LabelPair, TagPair
 
 
 def label_accuracy(pairs: Sequence[LabelPair]) -> dict:
-    """Top-1 accuracy of box labels / single choices, and the confusion matrix human → predicted."""
+    """Top-1 accuracy of box labels / single choices, and the confusion matrix human → predicted.
+
+    ``accuracy`` compares with the human's first label; ``accuracy_any`` counts a prediction right when it is
+    any of the labels the human gave the object (multi-label ground truth), and ``multi_labelled`` says how
+    many objects had several."""
     judged = [p for p in pairs if p.human is not None]
     confusion: dict[str, Counter] = defaultdict(Counter)
     for pair in judged:
         confusion[pair.human][pair.predicted] += 1  # type: ignore[index]
     correct = sum(p.predicted == p.human for p in judged)
+    correct_any = sum(p.predicted in (p.accepted or (p.human,)) for p in judged)
     return {
         "labels": len(judged),
         "accuracy": correct / len(judged) if judged else None,
+        "accuracy_any": correct_any / len(judged) if judged else None,
+        "multi_labelled": sum(len(p.accepted) > 1 for p in judged),
         "confusion": {human: dict(row) for human, row in sorted(confusion.items())},
     }
 

@@ -345,6 +345,33 @@ def fine_names(engine, shapes: list[_Shape], run: _Run, settings, mapper) -> dic
     return {"wrong_labels": float(wrong.mean()), **variants}
 
 
+def label_modes(engine, shapes: list[_Shape], settings, mapper) -> dict[str, dict]:
+    """Box labels asked each way on the same boxes: closed (labels scored), multiple-choice (letters scored) and
+    open-world (free answer mapped), the first two as listed and averaged over 2 and 4 cyclic orders of the list.
+    Accuracy, the AUROC of the label's probability for finding wrong labels, and how far each order's answers
+    agree with the as-listed ones (order sensitivity)."""
+    from backend.annotate.boxes import label_crops
+    from backend.prompts import PromptBook
+
+    book = PromptBook(settings.prompts_dir)
+    crops, truth = [item.crop for item in shapes], [item.shape.cls for item in shapes]
+    table: dict[str, dict] = {}
+    for mode, orders in (("closed", 1), ("closed", 2), ("closed", 4), ("multiple-choice", 1),
+                         ("multiple-choice", 2), ("multiple-choice", 4), ("open-world", 1)):  # fmt: skip
+        chosen = label_crops(engine, book, crops, CLASSES, mode=mode, orders=orders, mapper=mapper)
+        right = [c.label == t for c, t in zip(chosen, truth, strict=True)]
+        table[f"{mode}/{orders}"] = {
+            "accuracy": float(np.mean(right)),
+            "error_auroc": auroc([-c.probability for c in chosen], [not ok for ok in right]),
+            "out_of_set": float(np.mean([c.suggestion is not None for c in chosen])),
+        }
+    reversed_order = label_crops(engine, book, crops, CLASSES[::-1])
+    as_listed = label_crops(engine, book, crops, CLASSES)
+    table["closed/1"]["agrees_with_reversed_list"] = float(np.mean(
+        [a.label == b.label for a, b in zip(as_listed, reversed_order, strict=True)]))  # fmt: skip
+    return table
+
+
 def prompt_edit(engine, shapes: list[_Shape]) -> float:
     """Box accuracy when the box question is a paraphrase the shapes model never saw (a user's reasonable edit)."""
     from backend.annotate.choice import choose
@@ -418,6 +445,7 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = prin
     report.update(calibration(client, engine, world, config, sent, outcomes, task_scores))
     report["box_accuracy_prompt_edit"] = prompt_edit(engine, shapes)
     report["fine_names"] = fine_names(engine, shapes, run, settings, _mapper(settings))
+    report["label_modes"] = label_modes(engine, shapes, settings, _mapper(settings))
     report["region_accuracy"] = region_accuracy(client, engine, world)
     report.update(tags(client, engine, world, images, settings, _mapper(settings)))
     report["attributes"] = attributes(client, engine, world, images, settings)
@@ -475,6 +503,12 @@ def summary(report: dict) -> str:
              f"{report['tasks']} tasks, {report['boxes']} boxes, model `{report['model']}`.", "",
              "| metric | value |", "| --- | --- |"]  # fmt: skip
     lines += [f"| `{key}` | {_fmt(report.get(key))} |" for key in KEYS]
+    modes = report.get("label_modes") or {}
+    if modes:
+        lines += ["", "Box labels asked each way (mode/cyclic orders averaged), on the same boxes:", "",
+                  "| mode | accuracy | error AUROC | out of set |", "| --- | --- | --- | --- |"]  # fmt: skip
+        lines += [f"| {name} | {_fmt(row['accuracy'])} | {_fmt(row['error_auroc'])} | {_fmt(row['out_of_set'])} |"
+                  for name, row in modes.items()]  # fmt: skip
     methods = report.get("tag_methods") or {}
     if methods:
         columns = ("recall", "precision", "f1", "map", "candidate_recall", "candidates_per_image",

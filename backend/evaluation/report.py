@@ -44,8 +44,9 @@ def _task_errors(comparison: TaskComparison) -> int:
     return wrong_labels + wrong_tags
 
 
-def cost(usage: Sequence[dict], pricing: Pricing, labels: int) -> dict:
-    """Model time and tokens per image and per box (recorded at prediction time), as money beside a human's."""
+def cost(usage: Sequence[dict], pricing: Pricing, labels: int, human_seconds: Sequence[float] = ()) -> dict:
+    """Model time and tokens per image and per box (recorded at prediction time), as money beside a human's:
+    priced per label, and measured where Label Studio recorded the annotators' time (``lead_time``)."""
     seconds = sum(u["seconds"] for u in usage)
     images, boxes = sum(u["images"] for u in usage), sum(u["boxes"] for u in usage)
     tokens = sum(u.get("tokens") or 0 for u in usage)
@@ -59,6 +60,9 @@ def cost(usage: Sequence[dict], pricing: Pricing, labels: int) -> dict:
         "tokens_per_image": tokens / images if images else None,
         "model_cost": round(model_cost, 6), "human_cost_for_same_labels": round(human_cost, 4),
         "model_to_human_cost": round(model_cost / human_cost, 6) if human_cost else None,
+        "human_seconds_per_task": sum(human_seconds) / len(human_seconds) if human_seconds else None,
+        "model_seconds_per_task": seconds / len(usage) if usage else None,
+        "human_tasks_timed": len(human_seconds),
     }  # fmt: skip
 
 
@@ -93,7 +97,10 @@ def evaluate(
             curves["annotator_confidence"] = metrics.review_curve([s for s, _ in known], [e for _, e in known])
     report["review_curve"] = curves
     report["cost"] = cost(
-        usage, pricing, labels=len(labels) + sum(len(t.predicted) for c in comparisons for t in c.tags)
+        usage,
+        pricing,
+        labels=len(labels) + sum(len(t.predicted) for c in comparisons for t in c.tags),
+        human_seconds=[c.human_seconds for c in comparisons if c.human_seconds is not None],
     )
     if classifier_versions:
         latest = classifier_versions[-1]

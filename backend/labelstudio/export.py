@@ -1,13 +1,15 @@
 """Exported tasks → labelled items for training: whole images with their choices, boxes with their labels.
 
 A task's labels come from its latest submitted (not cancelled) annotation: **human-reviewed**,
-confidence 1. A task with no annotation but a prediction from us contributes that
-prediction as is: **MLLM-only**, with the prediction region's score (our estimated P(correct))
+confidence 1; where several people answered a whole-image class or attribute, their majority
+decides, with the model's prediction as one more voter (:func:`voted_results`). A task with no
+annotation but a prediction from us contributes that prediction as is: **MLLM-only**, with the prediction region's score (our estimated P(correct))
 as its confidence.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +43,9 @@ def labelled_items(task: dict[str, Any], spec: ProjectSpec, model_version: str |
     if source is None:
         return []
     results = [r for r in source.get("result") or [] if isinstance(r, dict)]
+    if reviewed:  # several people's answers to a class or attribute: their majority (the model votes too)
+        predicted = [r for r in (_latest(predictions) or {}).get("result") or [] if isinstance(r, dict)]
+        results = voted_results(annotations, predicted, spec)
     source_score = source.get("score")
     return [item for handler in spec.handlers for item in handler.training_items(task, results, reviewed, source_score)]
 
@@ -86,6 +91,7 @@ class LabelPair:
     predicted: str
     human: str | None  # None: the human removed the region
     score: float | None
+    accepted: tuple[str, ...] = ()  # every label the human gave the region (several, where the object is both)
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,7 @@ class TaskComparison:
     labels: tuple[LabelPair, ...]  # boxes and single choices
     tags: tuple[TagPair, ...]  # multiple-choice controls
     texts: tuple[tuple[str, str], ...]  # (predicted, human) fine-grained names of the same box
+    human_seconds: float | None = None  # Label Studio's lead_time, summed over the task's annotations
 
 
 def compare_task(task: dict[str, Any], spec: ProjectSpec, model_version: str | None) -> TaskComparison | None:
@@ -118,15 +125,42 @@ def compare_task(task: dict[str, Any], spec: ProjectSpec, model_version: str | N
         return None
     task_id = int(task["id"])
     predicted = [r for r in prediction.get("result") or [] if isinstance(r, dict)]
-    human = [r for r in annotation.get("result") or [] if isinstance(r, dict)]
+    human = voted_results(annotations, predicted, spec)
     found = [handler.compare(task_id, predicted, human, prediction.get("score")) for handler in spec.handlers]
+    lead_times = [float(a["lead_time"]) for a in annotations if isinstance(a.get("lead_time"), (int, float))]
     return TaskComparison(
         task_id,
         prediction.get("score"),
         tuple(pair for part in found for pair in part.labels),
         tuple(pair for part in found for pair in part.tags),
         tuple(pair for part in found for pair in part.texts),
+        sum(lead_times) if lead_times else None,
     )
+
+
+def voted_results(annotations: list[dict[str, Any]], predicted: list[dict], spec: ProjectSpec) -> list[dict]:
+    """The latest annotation's results, with each whole-image single choice (a class, a yes/no attribute) decided
+    by a majority vote when several people answered it: every annotation is a voter, and so is the model's
+    prediction; a tie keeps the latest annotation's answer (the CelebA study's re-annotation protocol)."""
+    latest = _latest(annotations)
+    results = [dict(r) for r in (latest or {}).get("result") or [] if isinstance(r, dict)]
+    if len(annotations) < 2:
+        return results
+    for target in (t for t in spec.image_choices if not t.multiple):
+        votes: Counter[str] = Counter()
+        for source in [*(a.get("result") or [] for a in annotations), predicted]:
+            answer = next((region_labels(r) for r in source if isinstance(r, dict) and r.get("from_name") ==
+                           target.control and region_labels(r)), None)  # fmt: skip
+            if answer:
+                votes[answer[0]] += 1
+        mine = next((r for r in results if r.get("from_name") == target.control), None)
+        if mine is None or not votes or not region_labels(mine):
+            continue
+        kept = region_labels(mine)[0]
+        winner = max(votes, key=lambda label: (votes[label], label == kept))
+        if winner != kept and mine.get("type") == "choices":
+            mine["value"] = {**mine.get("value", {}), "choices": [winner]}
+    return results
 
 
 @dataclass(frozen=True)
@@ -152,7 +186,7 @@ def compare_labels(task_id: int, control: str, predicted: list[dict], human: lis
             mine = next((r for r in human if r.get("from_name") == control), None)
         answer = region_labels(mine)
         pairs.append(LabelPair(task_id, control, str(result.get("id")), values[0], answer[0] if answer else None,
-                               result.get("score")))  # fmt: skip
+                               result.get("score"), answer))  # fmt: skip
     return Comparison(labels=tuple(pairs))
 
 
