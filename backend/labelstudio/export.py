@@ -3,8 +3,8 @@
 A task's labels come from its latest submitted (not cancelled) annotation: **human-reviewed**,
 confidence 1; where several people answered a whole-image class or attribute, their majority
 decides, with the model's prediction as one more voter (:func:`voted_results`). A task with no
-annotation but a prediction from us contributes that prediction as is: **MLLM-only**, with the prediction region's score (our estimated P(correct))
-as its confidence.
+annotation but a prediction from us contributes that prediction as is: **MLLM-only**, with the
+prediction region's score (our estimated P(correct)) as its confidence.
 """
 
 from __future__ import annotations
