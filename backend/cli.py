@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -146,6 +147,23 @@ def main(argv: list[str] | None = None) -> None:
     evaluation.add_argument("--gpu-hour-price", type=float, default=2.0, help="model cost per GPU hour (default 2.0)")
     evaluation.add_argument("--human-cost-per-label", type=float, default=0.025,
                             help="a person's cost per label (default 0.025: 6 s at 15/h)")  # fmt: skip
+    evaluation.add_argument("--disagreement-tab", action="store_true",
+                            help="with --project: save the Data Manager tab \"Model and person disagree\" listing "
+                            "the tasks to annotate again")  # fmt: skip
+
+    concepts = commands.add_parser(
+        "concepts", help="concept calibration: the labels people correct most, with drafted definitions",
+        description="Ranks the labels people corrected most (our predictions against their annotations) and what "
+        "they chose instead, and drafts a definition for each with the configured model. Prints JSON; with "
+        "--accept, writes the drafts into PROMPTS_DIR/concepts.json, which changes the model_version.",
+    )  # fmt: skip
+    concept_source = concepts.add_mutually_exclusive_group(required=True)
+    concept_source.add_argument("--project", type=int, help="a Label Studio project (LABEL_STUDIO_URL/API_KEY)")
+    concept_source.add_argument("--tasks", type=Path, help="a JSON list of tasks with annotations and predictions")
+    concepts.add_argument("--label-config", type=Path, help="with --tasks: the project's label config")
+    concepts.add_argument("--model-version", help="whose predictions to judge (default: ours now)")
+    concepts.add_argument("--top", type=int, default=5, help="how many labels to draft definitions for (default 5)")
+    concepts.add_argument("--accept", action="store_true", help="write the drafts into concepts.json")
 
     world = commands.add_parser(
         "world", help="write a synthetic shapes world with full ground truth (images, Label Studio files)",
@@ -199,8 +217,14 @@ def main(argv: list[str] | None = None) -> None:
         from backend.evaluation.report import Pricing, run_eval
 
         written = run_eval(_load_settings(), args.project, args.tasks, args.label_config, args.model_version,
-                           args.out, Pricing(args.gpu_hour_price, args.human_cost_per_label))  # fmt: skip
+                           args.out, Pricing(args.gpu_hour_price, args.human_cost_per_label),
+                           args.disagreement_tab)  # fmt: skip
         print("\n".join(str(path) for path in written))
+    elif args.command == "concepts":
+        from backend.evaluation.report import run_concepts
+
+        print(json.dumps(run_concepts(_load_settings(), args.project, args.tasks, args.label_config,
+                                      args.model_version, top=args.top, accept=args.accept), indent=2))  # fmt: skip
     elif args.command == "world":
         from backend.shapes.world import WORLD_VERSION, write_world
 

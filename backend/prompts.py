@@ -22,6 +22,7 @@ TEMPLATES: dict[str, frozenset[str]] = {
     "tag_confirm": frozenset({"label", "definition"}),
     "attribute": frozenset({"attribute", "definition"}),
     "open_label": frozenset(),
+    "concept_draft": frozenset({"label", "others", "definition"}),
     "critic": frozenset({"label", "definition"}),
     "caption": frozenset(),
     "answer": frozenset({"question"}),

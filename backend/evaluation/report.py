@@ -211,34 +211,65 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def run_eval(
-    settings, project: int | None, tasks_file: Path | None, label_config: Path | None, model_version: str | None,
-    out: Path, pricing: Pricing,
-) -> list[Path]:  # fmt: skip
-    """`mllm-backend eval`: from a Label Studio project (SDK) or a tasks JSON file, to report files in ``out``."""
-    from backend.labelstudio.config import parse_label_config
+def load_tasks(
+    settings, project: int | None, tasks_file: Path | None, label_config: Path | None, model_version: str | None
+) -> tuple[object | None, list[dict], str, str | None]:
+    """(SDK client or None, tasks with predictions and annotations inline, label config, model_version to judge)."""
     from backend.predictor import model_version as current_version
     from backend.prompts import PromptBook
-    from backend.reviews import ReviewStore
-    from backend.training.versions import ClassifierVersions
 
     if project is not None:
         from backend.labelstudio.client import connect, project_tasks
 
         if not settings.label_studio_url or not settings.label_studio_api_key:
-            raise SystemExit("mllm-backend eval --project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+            raise SystemExit("--project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
         client = connect(settings.label_studio_url, settings.label_studio_api_key)
-        config = client.projects.get(project).label_config
-        tasks = project_tasks(client, project)
         version = model_version or current_version(settings, PromptBook(settings.prompts_dir))
-    else:
-        if tasks_file is None or label_config is None:
-            raise SystemExit("mllm-backend eval --tasks FILE also needs --label-config FILE")
-        tasks, config, version = json.loads(tasks_file.read_text()), label_config.read_text(), model_version
-        if any(isinstance(p, int) for t in tasks for p in t.get("predictions") or []):
-            raise SystemExit(
-                "the tasks file lists predictions by id only; use --project, or tasks with predictions inline"
-            )
+        return client, project_tasks(client, project), client.projects.get(project).label_config, version
+    if tasks_file is None or label_config is None:
+        raise SystemExit("--tasks FILE also needs --label-config FILE")
+    tasks = json.loads(tasks_file.read_text())
+    if any(isinstance(p, int) for t in tasks for p in t.get("predictions") or []):
+        raise SystemExit("the tasks file lists predictions by id only; use --project, or tasks with predictions inline")
+    return None, tasks, label_config.read_text(), model_version
+
+
+def run_concepts(
+    settings, project: int | None, tasks_file: Path | None, label_config: Path | None, model_version: str | None,
+    *, top: int, accept: bool,
+) -> dict:  # fmt: skip
+    """`mllm-backend concepts`: the labels people correct most, drafted definitions for them, and (``accept``)
+    the drafts merged into the prompts directory's concepts.json."""
+    from backend.annotate.concepts import accept_definitions, confusions, draft_definitions
+    from backend.labelstudio.config import parse_label_config
+    from backend.predictor import model_version as current_version
+    from backend.prompts import PromptBook
+    from backend.service import engine_factory
+
+    _, tasks, config, version = load_tasks(settings, project, tasks_file, label_config, model_version)
+    spec = parse_label_config(config)
+    compared = compare_tasks(tasks, spec, version)
+    hints = {label: hint for target in spec.image_choices for label, hint in target.hints}
+    found = confusions([p for c in compared for p in c.labels], [t for c in compared for t in c.tags], top=top)
+    prompts = PromptBook(settings.prompts_dir)
+    drafts = draft_definitions(engine_factory(settings, None)(), prompts, found, hints=hints) if found else {}
+    report: dict = {"compared_tasks": len(compared), "confusions": [asdict(c) for c in found], "drafts": drafts}
+    if accept and drafts:
+        report["written"] = str(accept_definitions(settings.prompts_dir, drafts))
+        report["model_version"] = current_version(settings, PromptBook(settings.prompts_dir))
+    return report
+
+
+def run_eval(
+    settings, project: int | None, tasks_file: Path | None, label_config: Path | None, model_version: str | None,
+    out: Path, pricing: Pricing, disagreement_tab: bool = False,
+) -> list[Path]:  # fmt: skip
+    """`mllm-backend eval`: from a Label Studio project (SDK) or a tasks JSON file, to report files in ``out``."""
+    from backend.labelstudio.config import parse_label_config
+    from backend.reviews import ReviewStore
+    from backend.training.versions import ClassifierVersions
+
+    client, tasks, config, version = load_tasks(settings, project, tasks_file, label_config, model_version)
     spec = parse_label_config(config)
     comparisons = compare_tasks(tasks, spec, version)
     usage, annotator, classifiers = [], {}, []
@@ -248,4 +279,10 @@ def run_eval(
         classifiers = ClassifierVersions(settings.model_dir).versions(project)
     report = evaluate(comparisons, spec, usage, pricing, annotator, classifiers)
     report["model_version"] = version
+    disagree = [c.task for c in comparisons if _task_errors(c)]
+    report["disagreements"] = {"tasks": len(disagree), "task_ids": disagree[:1000]}
+    if project is not None and disagreement_tab:
+        from backend.labelstudio.client import disagreement_view
+
+        report["disagreements"]["view_id"] = disagreement_view(client, project, disagree)
     return write_report(report, out)

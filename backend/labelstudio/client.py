@@ -144,6 +144,7 @@ def set_model_version(client, project: int, version: str) -> None:
 
 
 REVIEW_VIEW_TITLE = "Most suspicious first"
+DISAGREEMENT_VIEW_TITLE = "Model and person disagree"
 
 
 def connect(url: str, api_key: str):
@@ -196,3 +197,16 @@ def ensure_review_view(client, project: int) -> int:
         if data.get("title") == REVIEW_VIEW_TITLE:
             return int(view.id)
     return create_review_view(client, project)
+
+
+def disagreement_view(client, project: int, task_ids: list[int]) -> int:
+    """The project's "Model and person disagree" tab, made or updated to list exactly ``task_ids``: the tasks to
+    annotate again (the CelebA study's protocol: re-annotate where the MLLM and the human differ, then vote)."""
+    ids = sorted(set(task_ids)) or [0]  # no task has id 0: an empty tab
+    items = [{"filter": "filter:tasks:id", "operator": "equal", "type": "Number", "value": task} for task in ids]
+    data = {"title": DISAGREEMENT_VIEW_TITLE, "filters": {"conjunction": "or", "items": items}}
+    for view in client.views.list(project=project):
+        if isinstance(view.data, dict) and view.data.get("title") == DISAGREEMENT_VIEW_TITLE:
+            client.views.update(id=view.id, project=project, data={**view.data, **data})
+            return int(view.id)
+    return int(client.views.create(project=project, data=data).id)

@@ -264,13 +264,22 @@ def test_eval_reports_on_the_real_project(client, stack, boxes_project, tmp_path
     from backend.evaluation.report import Pricing, run_eval
     from backend.settings import Settings
 
+    retrieve_predictions(client, boxes_project["id"])  # stores nothing new when earlier tests already did
     model = requests.get(f"{stack.backend_url}/versions", timeout=5).json()["model"]
     settings = Settings.from_env(
         {"MLLM_MODEL": model, "LABEL_STUDIO_URL": stack.label_studio_url, "LABEL_STUDIO_API_KEY": stack.token,
          "MODEL_DIR": str(tmp_path / "md")}
     )  # fmt: skip
-    written = run_eval(settings, boxes_project["id"], None, None, None, tmp_path / "report", Pricing())
+    written = run_eval(settings, boxes_project["id"], None, None, None, tmp_path / "report", Pricing(),
+                       disagreement_tab=True)  # fmt: skip
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["tasks_compared"] == len(boxes_project["tasks"])
     assert report["labels"]["labels"] >= 2 and 0.0 <= report["labels"]["accuracy"] <= 1.0
     assert all(path.stat().st_size > 0 for path in written)
+    # The tab of tasks to annotate again lists exactly the tasks where our labels and the person's differ
+    disagree = report["disagreements"]
+    listed = {int(t.id) for t in client.tasks.list(project=boxes_project["id"], view=disagree["view_id"])}
+    assert listed == set(disagree["task_ids"]) and disagree["tasks"] == len(listed)
+    run_eval(settings, boxes_project["id"], None, None, None, tmp_path / "again", Pricing(), disagreement_tab=True)
+    again = json.loads((tmp_path / "again" / "report.json").read_text())["disagreements"]
+    assert again["view_id"] == disagree["view_id"]  # updated in place, not a second tab
