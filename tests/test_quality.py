@@ -77,8 +77,11 @@ def test_the_training_code_writes_a_checkpoint_the_backend_serves(tmp_path):
     from backend.models.local import TransformersEngine
     from backend.shapes.training import train_shapes_model
 
-    record = train_shapes_model(tmp_path, steps=2, vision_steps=2, batch_size=4, seeds=(0,), log=lambda _: None)
-    assert record["training_seeds"] == [0] and json.loads((tmp_path / "training.json").read_text()) == record
+    record = train_shapes_model(
+        tmp_path, steps=2, vision_steps=2, batch_size=4, seeds=(0,), scene_seeds=(1,), log=lambda _: None
+    )
+    assert record["training_seeds"] == [0] and record["scene_seeds"] == [1]
+    assert json.loads((tmp_path / "training.json").read_text()) == record
     engine = TransformersEngine.load(str(tmp_path), "cpu")
     scores = engine.score_options([noise_image(40, 30)], "Which label?", ["circle", "square"])
     assert scores.probabilities.shape == (1, 2)

@@ -112,9 +112,9 @@ class ImageChoices:
             name, answers = self.attribute
             return attribute_images(asking.engine, asking.prompts, images, name, answers, self.attribute_hint)
         if not self.multiple:
-            return classify_images(asking.engine, asking.prompts, images, labels, mode=self.mode or
-                                   asking.settings.label_mode, orders=asking.settings.option_orders,
-                                   mapper=asking.mapper)  # type: ignore[arg-type]  # fmt: skip
+            mode = self.mode or asking.settings.label_mode
+            return classify_images(asking.engine, asking.prompts, images, labels, mode=mode,  # type: ignore[arg-type]
+                                   orders=asking.settings.option_orders, mapper=asking.mapper)  # fmt: skip
         s = asking.settings
         tag_settings = TagSettings(
             threshold=self.threshold if self.threshold is not None else s.tag_threshold,
