@@ -9,14 +9,14 @@ from backend.annotate.choice import choose_label
 from backend.annotate.mapping import LabelMapper
 from backend.labelstudio.config import UnsupportedConfig, parse_label_config
 from backend.models.text_encoder import SentenceEncoder
-from backend.prompts import format_labels
+from backend.prompts import PromptBook
+from backend.settings import PACKAGE_PROMPTS
 from tests.conftest import noise_image
 
 LABELS = ("cat", "dog", "bird", "car")
 
 
-def question(order) -> str:
-    return f"Which label fits?\nLabels:\n{format_labels(list(order))}\nAnswer with exactly one label from the list."
+PROMPTS = PromptBook(PACKAGE_PROMPTS)
 
 
 class Recording:
@@ -35,7 +35,7 @@ class Recording:
 def test_cyclic_orders_average_each_labels_probability_over_the_rotated_lists(llava_engine):
     images = [noise_image(30, 30, 1), noise_image(40, 20, 2)]
     engine = Recording(llava_engine)
-    debiased = choose_label(engine, images, question, LABELS, orders=2)
+    debiased = choose_label(engine, PROMPTS, "box_label", images, LABELS, orders=2)
     assert [options for _, options in engine.asked] == [LABELS, ("bird", "car", "cat", "dog")]
     expected = np.zeros((len(images), len(LABELS)))
     for prompt, options in engine.asked:
@@ -43,12 +43,14 @@ def test_cyclic_orders_average_each_labels_probability_over_the_rotated_lists(ll
         expected += probabilities[:, [options.index(label) for label in LABELS]] / 2
     for choice, row in zip(debiased, expected, strict=True):
         assert np.allclose(choice.probabilities, row) and choice.label == LABELS[int(row.argmax())]
-    assert choose_label(llava_engine, images, question, LABELS, orders=1)[0].probabilities != debiased[0].probabilities
+    assert (
+        choose_label(llava_engine, PROMPTS, "box_label", images, LABELS)[0].probabilities != debiased[0].probabilities
+    )
 
 
 def test_multiple_choice_scores_the_letters_of_the_listed_labels(llava_engine):
     engine = Recording(llava_engine)
-    [choice] = choose_label(engine, [noise_image(30, 30, 3)], question, LABELS, mode="multiple-choice")
+    [choice] = choose_label(engine, PROMPTS, "box_label", [noise_image(30, 30, 3)], LABELS, mode="multiple-choice")
     [(prompt, options)] = engine.asked
     assert options == ("A", "B", "C", "D") and "B. dog" in prompt.splitlines() and "- dog" not in prompt
     assert prompt.count("Answer") == 1
@@ -74,17 +76,13 @@ def circle_crops():
 
 
 def test_open_world_maps_a_free_answer_and_keeps_an_out_of_set_one_as_a_suggestion(shapes_engine, circle_crops):
-    from backend.prompts import PromptBook
-    from backend.settings import PACKAGE_PROMPTS
-
     mapper = LabelMapper(SentenceEncoder(), min_similarity=0.45)
-    open_prompt = PromptBook(PACKAGE_PROMPTS).render("open_label")
-    inside = choose_label(shapes_engine, circle_crops, question, ("circle", "square", "star"), mode="open-world",
-                          open_prompt=open_prompt, mapper=mapper)  # fmt: skip
+    inside = choose_label(shapes_engine, PROMPTS, "box_label", circle_crops, ("circle", "square", "star"),
+                          mode="open-world", mapper=mapper)  # fmt: skip
     exact = [c for c in inside if c.mapped == 0.0]  # "striped orange circle (circle)": its category is a label
     assert len(exact) >= 4 and all(c.label == "circle" and c.suggestion is None for c in exact)
-    outside = choose_label(shapes_engine, circle_crops, question, ("invoice", "receipt"), mode="open-world",
-                           open_prompt=open_prompt, mapper=mapper)  # fmt: skip
+    outside = choose_label(shapes_engine, PROMPTS, "box_label", circle_crops, ("invoice", "receipt"),
+                           mode="open-world", mapper=mapper)  # fmt: skip
     suggested = [c for c in outside if c.suggestion is not None]
     assert len(suggested) == len(circle_crops)  # no label is like a shape: every answer is kept as a suggestion
     assert sum("circle" in c.suggestion for c in suggested) >= 4

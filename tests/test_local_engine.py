@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend.annotate.boxes import label_crops
+from backend.annotate.choice import choose_label
 from backend.cli import main as cli
 from backend.models.local import TransformersEngine
 from backend.prompts import PromptBook
@@ -120,7 +120,7 @@ def test_mean_scoring_gives_no_option_an_edge_for_its_length(tiny_llava):
 
 def test_crops_get_a_distribution_over_the_label_set(llava_engine):
     crops = [noise_image(10, 12, 5), noise_image(30, 8, 6), noise_image(3, 3, 7)]
-    choices = label_crops(llava_engine, PromptBook(PACKAGE_PROMPTS), crops, LABELS)
+    choices = choose_label(llava_engine, PromptBook(PACKAGE_PROMPTS), "box_label", crops, LABELS)
     assert len(choices) == 3
     for choice in choices:
         assert choice.labels == tuple(LABELS)
@@ -146,7 +146,7 @@ def test_quantized_loading_swaps_in_bitsandbytes_layers_and_still_labels(tiny_ll
     layers = {type(m).__name__ for name, m in engine.model.named_modules() if ".language_model." in f".{name}."}
     assert layer in layers and "Linear" not in layers - {layer}
     assert engine.model.get_memory_footprint() < llava_engine.model.get_memory_footprint()
-    choices = label_crops(engine, PromptBook(PACKAGE_PROMPTS), images(2), LABELS)
+    choices = choose_label(engine, PromptBook(PACKAGE_PROMPTS), "box_label", images(2), LABELS)
     assert all(sum(c.probabilities) == pytest.approx(1.0) for c in choices)
 
 

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from backend.annotate.choice import Choice, LabelMode, choose_label
 from backend.annotate.mapping import LabelMapper, Mapping
 from backend.annotate.texts import READING_TOKENS, as_text
 from backend.models.engine import Engine
-from backend.prompts import PromptBook, format_labels
+from backend.prompts import PromptBook
 
 FINE_NAME_TOKENS = 24
 _CATEGORY = re.compile(r"\(([^()]+)\)\s*\.?\s*$")
@@ -29,23 +28,6 @@ class FineName:
     text: str
     confidence: float | None  # geometric-mean token probability, when the provider gives log-probs
     category: Mapping | None  # the name's category mapped onto the label set
-
-
-def label_crops(
-    engine: Engine, prompts: PromptBook, crops: Sequence[Image.Image], labels: Sequence[str], *,
-    mode: LabelMode = "closed", orders: int = 1, mapper: LabelMapper | None = None,
-) -> list[Choice]:  # fmt: skip
-    """One label from ``labels`` for each crop, with its probability over the label set (modes: annotate.choice)."""
-    return choose_label(
-        engine,
-        crops,
-        lambda order: prompts.render("box_label", labels=format_labels(order)),
-        labels,
-        mode=mode,
-        orders=orders,
-        open_prompt=prompts.render("open_label"),
-        mapper=mapper,
-    )
 
 
 def name_crops(

@@ -16,7 +16,7 @@ again with the list rotated (cyclic orders, evenly spaced) and averages the prob
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from backend.models.engine import Engine
-from backend.prompts import LETTERS, lettered_question
+from backend.prompts import LETTERS, PromptBook, format_labels, lettered_question
 
 LabelMode = Literal["closed", "multiple-choice", "open-world"]
 LABEL_MODES: tuple[LabelMode, ...] = ("closed", "multiple-choice", "open-world")
@@ -55,13 +55,14 @@ def choose(engine: Engine, images: Sequence[Image.Image], prompt: str, labels: S
 
 
 def choose_label(
-    engine: Engine, images: Sequence[Image.Image], question: Callable[[Sequence[str]], str], labels: Sequence[str],
-    *, mode: LabelMode = "closed", orders: int = 1, open_prompt: str | None = None, mapper=None,
+    engine: Engine, prompts: PromptBook, template: str, images: Sequence[Image.Image], labels: Sequence[str], *,
+    mode: LabelMode = "closed", orders: int = 1, mapper=None,
 ) -> list[Choice]:  # fmt: skip
-    """For each image, one of ``labels``: ``question(order)`` renders the question listing the labels in that
-    order; ``mode`` and ``orders`` as in the module's docstring (``open_prompt`` and ``mapper`` for open-world)."""
+    """For each image (or crop), one of ``labels``, asked with the prompt file ``template`` ("box_label",
+    "image_choice") listing the labels, in the way ``mode`` says and averaged over ``orders`` cyclic orders of the
+    list (see the module's docstring); open-world asks ``open_label`` instead and maps with ``mapper``."""
     if mode == "open-world":
-        return _open(engine, images, open_prompt or question(labels), labels, mapper)
+        return _open(engine, images, prompts.render("open_label"), labels, mapper)
     if mode == "multiple-choice" and len(labels) > len(LETTERS):
         mode = "closed"  # more labels than letters: scored by their text
     totals = np.zeros((len(images), len(labels)))
@@ -69,7 +70,7 @@ def choose_label(
     rotations = _rotations(len(labels), orders)
     for shift in rotations:
         order = [*labels[shift:], *labels[:shift]]
-        prompt = question(order)
+        prompt = prompts.render(template, labels=format_labels(order))
         if mode == "multiple-choice":
             scores = engine.score_options(images, lettered_question(prompt, order), LETTERS[: len(order)])
         else:

@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from backend.annotate.choice import Choice, LabelMode, choose, choose_label
+from backend.annotate.choice import Choice, choose
 from backend.annotate.mapping import LabelMapper
 from backend.models.engine import Engine
 from backend.prompts import PromptBook, format_labels
@@ -68,23 +68,6 @@ class Tags:
     def confidence(self) -> float:
         """Confidence of the least certain keep/drop decision."""
         return min(max(p, 1.0 - p) for p in self.presence.values())
-
-
-def classify_images(
-    engine: Engine, prompts: PromptBook, images: Sequence[Image.Image], labels: Sequence[str], *,
-    mode: LabelMode = "closed", orders: int = 1, mapper: LabelMapper | None = None,
-) -> list[Choice]:  # fmt: skip
-    """One label from ``labels`` for each whole image (modes: annotate.choice)."""
-    return choose_label(
-        engine,
-        images,
-        lambda order: prompts.render("image_choice", labels=format_labels(order)),
-        labels,
-        mode=mode,
-        orders=orders,
-        open_prompt=prompts.render("open_label"),
-        mapper=mapper,
-    )
 
 
 def attribute_images(

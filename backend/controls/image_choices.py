@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from backend.annotate.choice import Choice
+from backend.annotate.choice import Choice, choose_label
 from backend.annotate.suspicion import Signals
-from backend.annotate.tagging import Tags, TagSettings, attribute_images, classify_images, tag_images
+from backend.annotate.tagging import Tags, TagSettings, attribute_images, tag_images
 from backend.controls.base import Asking, Output, Predicted, Question, TaskInput
 from backend.labelstudio.config import (
     CANDIDATE_ATTR,
@@ -112,9 +112,9 @@ class ImageChoices:
             name, answers = self.attribute
             return attribute_images(asking.engine, asking.prompts, images, name, answers, self.attribute_hint)
         if not self.multiple:
-            mode = self.mode or asking.settings.label_mode
-            return classify_images(asking.engine, asking.prompts, images, labels, mode=mode,  # type: ignore[arg-type]
-                                   orders=asking.settings.option_orders, mapper=asking.mapper)  # fmt: skip
+            return choose_label(asking.engine, asking.prompts, "image_choice", images, labels,
+                                mode=self.mode or asking.settings.label_mode,  # type: ignore[arg-type]
+                                orders=asking.settings.option_orders, mapper=asking.mapper)  # fmt: skip
         s = asking.settings
         tag_settings = TagSettings(
             threshold=self.threshold if self.threshold is not None else s.tag_threshold,

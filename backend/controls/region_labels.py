@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from backend.annotate.boxes import label_crops
-from backend.annotate.choice import Choice
+from backend.annotate.choice import Choice, choose_label
 from backend.annotate.suspicion import Signals
 from backend.controls.base import Asking, Output, Predicted, Question, TaskInput
 from backend.labelstudio.config import LABELLED_SHAPES, ConfigView, ImageField, LabelSet, is_true, mode_attr
@@ -104,7 +103,7 @@ def _label(asking: Asking, questions: Sequence[Question], mode) -> list[Choice]:
     for labels in dict.fromkeys(q.labels for q in questions):
         indices = [i for i, q in enumerate(questions) if q.labels == labels]
         crops = [questions[i].image for i in indices]
-        chosen = label_crops(asking.engine, asking.prompts, crops, labels, mode=mode,
-                             orders=asking.settings.option_orders, mapper=asking.mapper)  # fmt: skip
+        chosen = choose_label(asking.engine, asking.prompts, "box_label", crops, labels, mode=mode,
+                              orders=asking.settings.option_orders, mapper=asking.mapper)  # fmt: skip
         answers.update(zip(indices, chosen, strict=True))
     return [answers[i] for i in range(len(questions))]

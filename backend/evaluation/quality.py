@@ -288,7 +288,7 @@ def downstream(shapes: list[_Shape], run: _Run, settings, tasks: int) -> dict[st
 def attributes(client, engine, world: World, images: list, settings) -> dict:
     """Yes/no attributes (CelebA-style): agreement with the truth per attribute and overall, asked about by name
     through /predict, beside the question they got before ("which label best describes this image? yes / no")."""
-    from backend.annotate.tagging import classify_images
+    from backend.annotate.choice import choose_label
     from backend.prompts import PromptBook
 
     config, tasks = _as_label_studio_sends(world, "attributes")
@@ -298,7 +298,7 @@ def attributes(client, engine, world: World, images: list, settings) -> dict:
     asked = {name: [next((r["value"]["choices"][0] for r in p.get("result", []) if r["from_name"] == name), None)
                     for p in run.predictions] for name in names}  # fmt: skip
     book = PromptBook(settings.prompts_dir)
-    unnamed = [c.label for c in classify_images(engine, book, images, ["yes", "no"])]
+    unnamed = [c.label for c in choose_label(engine, book, "image_choice", images, ["yes", "no"])]
     which = {name: unnamed for name in names}  # that question never named the attribute: one answer for all
 
     def agreement(answers: dict[str, list]) -> dict:
@@ -350,7 +350,7 @@ def label_modes(engine, shapes: list[_Shape], settings, mapper) -> dict[str, dic
     open-world (free answer mapped), the first two as listed and averaged over 2 and 4 cyclic orders of the list.
     Accuracy, the AUROC of the label's probability for finding wrong labels, and how far each order's answers
     agree with the as-listed ones (order sensitivity)."""
-    from backend.annotate.boxes import label_crops
+    from backend.annotate.choice import choose_label
     from backend.prompts import PromptBook
 
     book = PromptBook(settings.prompts_dir)
@@ -358,15 +358,15 @@ def label_modes(engine, shapes: list[_Shape], settings, mapper) -> dict[str, dic
     table: dict[str, dict] = {}
     for mode, orders in (("closed", 1), ("closed", 2), ("closed", 4), ("multiple-choice", 1),
                          ("multiple-choice", 2), ("multiple-choice", 4), ("open-world", 1)):  # fmt: skip
-        chosen = label_crops(engine, book, crops, CLASSES, mode=mode, orders=orders, mapper=mapper)
+        chosen = choose_label(engine, book, "box_label", crops, CLASSES, mode=mode, orders=orders, mapper=mapper)
         right = [c.label == t for c, t in zip(chosen, truth, strict=True)]
         table[f"{mode}/{orders}"] = {
             "accuracy": float(np.mean(right)),
             "error_auroc": auroc([-c.probability for c in chosen], [not ok for ok in right]),
             "out_of_set": float(np.mean([c.suggestion is not None for c in chosen])),
         }
-    reversed_order = label_crops(engine, book, crops, CLASSES[::-1])
-    as_listed = label_crops(engine, book, crops, CLASSES)
+    reversed_order = choose_label(engine, book, "box_label", crops, CLASSES[::-1])
+    as_listed = choose_label(engine, book, "box_label", crops, CLASSES)
     table["closed/1"]["agrees_with_reversed_list"] = float(np.mean(
         [a.label == b.label for a, b in zip(as_listed, reversed_order, strict=True)]))  # fmt: skip
     return table
