@@ -7,7 +7,6 @@ label set, so the name can be checked against the box's label.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,11 +45,9 @@ def name_crops(
         indices = [i for i, question in enumerate(asked) if question == prompt]
         generations = engine.generate([crops[i] for i in indices], prompt, max_new_tokens=FINE_NAME_TOKENS)
         for i, generation in zip(indices, generations, strict=True):
-            logprobs = generation.token_logprobs
-            confidence = math.exp(sum(logprobs) / len(logprobs)) if logprobs else None
             category = name_category(generation.text)
             mapping = mapper.map(category, label_set) if mapper is not None and label_set and category else None
-            names[i] = FineName(generation.text, confidence, mapping)
+            names[i] = FineName(generation.text, generation.confidence, mapping)
     return [name for name in names if name is not None]
 
 

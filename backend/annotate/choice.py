@@ -15,7 +15,6 @@ again with the list rotated (cyclic orders, evenly spaced) and averages the prob
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -23,6 +22,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from backend.annotate.mapping import map_onto
 from backend.models.engine import Engine
 from backend.prompts import LETTERS, PromptBook, format_labels, lettered_question
 
@@ -101,19 +101,14 @@ def _open(engine: Engine, images: Sequence[Image.Image], prompt: str, labels: Se
 
     choices = []
     for generation in engine.generate(images, prompt, max_new_tokens=OPEN_ANSWER_TOKENS):
-        category = name_category(generation.text)
-        mapping = mapper.map(category, labels) if mapper is not None else None
-        exact = next((label for label in labels if label.casefold() == category.casefold()), None)
-        nearest = exact or (mapping.nearest if mapping is not None else None)
-        logprobs = generation.token_logprobs or ()
-        sureness = math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.5
-        if nearest is None:  # nothing to map with: the answer is a suggestion, every label equally likely
+        mapping = map_onto(name_category(generation.text), labels, mapper)
+        if mapping.nearest is None:  # nothing to map with: the answer is a suggestion, every label equally likely
             choices.append(_choice(labels, np.full(len(labels), 1 / len(labels)), 1.0, generation.text or None))
             continue
-        similarity = 1.0 if exact else max(0.0, mapping.similarity)
-        p = min(max(sureness * similarity, 1e-3), 1.0)
+        sureness = generation.confidence if generation.confidence is not None else 0.5
+        p = min(max(sureness * max(0.0, mapping.similarity), 1e-3), 1.0)
         row = np.full(len(labels), (1.0 - p) / max(1, len(labels) - 1)) if len(labels) > 1 else np.ones(1)
-        row[list(labels).index(nearest)] = p if len(labels) > 1 else 1.0
-        below_floor = not exact and (mapping is None or mapping.label is None)
-        choices.append(_choice(labels, row, 0.0 if exact else 1.0, generation.text if below_floor else None))
+        row[list(labels).index(mapping.nearest)] = p if len(labels) > 1 else 1.0
+        below_floor = mapping.label is None
+        choices.append(_choice(labels, row, 0.0 if mapping.exact else 1.0, generation.text if below_floor else None))
     return choices

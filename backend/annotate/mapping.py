@@ -70,3 +70,12 @@ class LabelMapper:
             if labels not in self._label_vectors:
                 self._label_vectors[labels] = self.encoder.encode(labels)
             return self._label_vectors[labels]
+
+
+def map_onto(text: str, labels: Sequence[str], mapper: LabelMapper | None) -> Mapping:
+    """``mapper.map(text, labels)``; without a mapper, only an exact match (ignoring case and punctuation)."""
+    if mapper is not None:
+        return mapper.map(text, labels)
+    folded = _fold(text)
+    label = next((label for label in labels if folded and folded == _fold(label)), None)
+    return Mapping(text, label, 1.0 if label else 0.0, exact=label is not None, nearest=label)

@@ -27,7 +27,6 @@ Tags are found by one of three methods (``TagSettings.method``):
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -36,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from backend.annotate.choice import Choice, choose
-from backend.annotate.mapping import LabelMapper
+from backend.annotate.mapping import LabelMapper, map_onto
 from backend.models.engine import Engine
 from backend.prompts import PromptBook, format_labels
 
@@ -176,8 +175,7 @@ def _open_question(
     tags = []
     for generation in engine.generate(images, question, max_new_tokens=16 + 8 * len(labels)):
         named = _named_labels(generation.text, labels, mapper)
-        logprobs = generation.token_logprobs or ()
-        sureness = math.exp(sum(logprobs) / len(logprobs)) if logprobs else 1.0  # geometric mean token probability
+        sureness = generation.confidence if generation.confidence is not None else 1.0
         scores = {label: sureness if label in named else 0.0 for label in labels}
         kept = tuple(label for label in labels if label in named)
         tags.append(Tags(kept, scores, kept, 1, confirmed=False))
@@ -186,14 +184,6 @@ def _open_question(
 
 def _named_labels(text: str, labels: Sequence[str], mapper: LabelMapper | None) -> set[str]:
     """The labels a comma-separated free answer names: exact (any case), else mapped by the text encoder."""
-    folded = {label.casefold(): label for label in labels}
-    named = set()
-    for item in (part.strip(" .\"'") for part in text.replace("\n", ",").split(",")):
-        if not item or item.casefold() == NONE_OF_THESE:
-            continue
-        label = folded.get(item.casefold())
-        if label is None and mapper is not None:
-            label = mapper.map(item, labels).label
-        if label is not None:
-            named.add(label)
-    return named
+    items = (part.strip(" .\"'") for part in text.replace("\n", ",").split(","))
+    named = {map_onto(item, labels, mapper).label for item in items if item and item.casefold() != NONE_OF_THESE}
+    return named - {None}  # type: ignore[return-value]

@@ -7,7 +7,6 @@ for its length.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +45,4 @@ def write_texts(engine: Engine, prompts: PromptBook, items: Sequence[tuple[Image
 
 
 def as_text(generation: Generation) -> Text:
-    logprobs = generation.token_logprobs
-    confidence = math.exp(sum(logprobs) / len(logprobs)) if logprobs else None
-    return Text(generation.text.strip(), confidence)
+    return Text(generation.text.strip(), generation.confidence)

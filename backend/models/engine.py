@@ -7,6 +7,7 @@ Annotation code asks two things and never learns which provider answers:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -52,6 +53,12 @@ class Generation:
     @property
     def logprob(self) -> float | None:
         return float(sum(self.token_logprobs)) if self.token_logprobs is not None else None
+
+    @property
+    def confidence(self) -> float | None:
+        """The geometric-mean token probability (a long answer is not penalised for its length), or None."""
+        logprobs = self.token_logprobs
+        return math.exp(sum(logprobs) / len(logprobs)) if logprobs else None
 
 
 class Engine(Protocol):
