@@ -444,10 +444,11 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = prin
     report["tokens_per_box"] = run.tokens / max(1, boxes)
     report.update(calibration(client, engine, world, config, sent, outcomes, task_scores))
     report["box_accuracy_prompt_edit"] = prompt_edit(engine, shapes)
-    report["fine_names"] = fine_names(engine, shapes, run, settings, _mapper(settings))
-    report["label_modes"] = label_modes(engine, shapes, settings, _mapper(settings))
+    mapper = _mapper(settings)  # one text encoder, loaded once, for every free answer below
+    report["fine_names"] = fine_names(engine, shapes, run, settings, mapper)
+    report["label_modes"] = label_modes(engine, shapes, settings, mapper)
     report["region_accuracy"] = region_accuracy(client, engine, world)
-    report.update(tags(client, engine, world, images, settings, _mapper(settings)))
+    report.update(tags(client, engine, world, images, settings, mapper))
     report["attributes"] = attributes(client, engine, world, images, settings)
     report["downstream"] = downstream(shapes, run, settings, tasks)
     report["downstream_reviews_spent"] = REVIEW_SHARE

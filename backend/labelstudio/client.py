@@ -192,11 +192,14 @@ def create_review_view(client, project: int) -> int:
 
 def ensure_review_view(client, project: int) -> int:
     """The project's "Most suspicious first" tab: the existing one, or a new one."""
-    for view in client.views.list(project=project):
-        data = view.data if isinstance(view.data, dict) else {}
-        if data.get("title") == REVIEW_VIEW_TITLE:
-            return int(view.id)
-    return create_review_view(client, project)
+    view = _view_titled(client, project, REVIEW_VIEW_TITLE)
+    return int(view.id) if view is not None else create_review_view(client, project)
+
+
+def _view_titled(client, project: int, title: str):
+    """The project's saved Data Manager tab with this title, or None."""
+    return next((view for view in client.views.list(project=project)
+                 if isinstance(view.data, dict) and view.data.get("title") == title), None)  # fmt: skip
 
 
 def disagreement_view(client, project: int, task_ids: list[int]) -> int:
@@ -205,8 +208,8 @@ def disagreement_view(client, project: int, task_ids: list[int]) -> int:
     ids = sorted(set(task_ids)) or [0]  # no task has id 0: an empty tab
     items = [{"filter": "filter:tasks:id", "operator": "equal", "type": "Number", "value": task} for task in ids]
     data = {"title": DISAGREEMENT_VIEW_TITLE, "filters": {"conjunction": "or", "items": items}}
-    for view in client.views.list(project=project):
-        if isinstance(view.data, dict) and view.data.get("title") == DISAGREEMENT_VIEW_TITLE:
-            client.views.update(id=view.id, project=project, data={**view.data, **data})
-            return int(view.id)
-    return int(client.views.create(project=project, data=data).id)
+    view = _view_titled(client, project, DISAGREEMENT_VIEW_TITLE)
+    if view is None:
+        return int(client.views.create(project=project, data=data).id)
+    client.views.update(id=view.id, project=project, data={**view.data, **data})
+    return int(view.id)
