@@ -430,7 +430,8 @@ class Predictor:
         mine = [s for s in scored if id(s.output) in task_of]
         labels = [PredictedLabel(task_of[id(s.output)], s.output.result_id, s.output.control, s.predicted.label, s.raw)
                   for s in mine]  # fmt: skip
-        self.reviews.record_predictions(project, version, labels, [s.predicted.signals.annotator for s in mine])
+        self.reviews.record_predictions(project, version, labels, [s.predicted.signals.annotator for s in mine],
+                                        [s.output.out_of_set for s in mine])  # fmt: skip
         usage = [(int(o.task_id), seconds / len(done), 1, _regions_labelled(o), tokens // len(done)) for o in done]
         self.reviews.record_usage(project, version, usage)
 

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS reviewed (
     annotation INTEGER, PRIMARY KEY (project, task, region, control, label));
 """
 # Stores made before a column existed get it added (name, declaration).
-_ADDED_COLUMNS = {"reviewed": (("annotation", "INTEGER"),)}
+_ADDED_COLUMNS = {"reviewed": (("annotation", "INTEGER"),), "predicted": (("out_of_set", "TEXT"),)}
+SUGGESTION_TASKS = 20  # task ids listed per out-of-set suggestion
 
 
 BUSY_TIMEOUT_SECONDS = 20.0  # how long a write waits for another process's transaction
@@ -82,13 +83,36 @@ class ReviewStore:
             self._db.execute("COMMIT")
 
     def record_predictions(
-        self, project: int, model_version: str, labels: Sequence[PredictedLabel], annotator: Sequence[float] = ()
-    ) -> None:
+        self, project: int, model_version: str, labels: Sequence[PredictedLabel], annotator: Sequence[float] = (),
+        out_of_set: Sequence[str | None] = (),
+    ) -> None:  # fmt: skip
+        """Each predicted label's raw score, the annotator's own confidence in it, and the open-world answer it was
+        mapped from when no label was similar enough (an out-of-set suggestion)."""
         confidences = list(annotator) or [None] * len(labels)
-        rows = [(project, p.task, p.region, p.control, p.label, p.raw, model_version, time.time(), a)
-                for p, a in zip(labels, confidences, strict=True)]  # fmt: skip
+        suggestions = list(out_of_set) or [None] * len(labels)
+        rows = [(project, p.task, p.region, p.control, p.label, p.raw, model_version, time.time(), a, s)
+                for p, a, s in zip(labels, confidences, suggestions, strict=True)]  # fmt: skip
         with self._writing() as db:
-            db.executemany("INSERT OR REPLACE INTO predicted VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT OR REPLACE INTO predicted (project, task, region, control, label, raw, "
+                           "model_version, at, annotator, out_of_set) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           rows)  # fmt: skip
+
+    def suggestions(self, project: int, model_version: str | None = None) -> list[dict]:
+        """The project's out-of-set answers (candidate new classes), most frequent first: the answer as first
+        written, how many regions or images got it, the labels they were given instead, and some of their tasks."""
+        rows = self._select("SELECT out_of_set, label, control, task FROM predicted WHERE project = ? AND "
+                            "out_of_set IS NOT NULL", project, model_version)  # fmt: skip
+        grouped: dict[str, dict] = {}
+        for text, label, control, task in sorted(rows, key=lambda row: row[3]):
+            entry = grouped.setdefault(text.strip().casefold(), {"text": text.strip(), "count": 0, "labelled_as": {},
+                                                                 "controls": [], "tasks": []})  # fmt: skip
+            entry["count"] += 1
+            entry["labelled_as"][label] = entry["labelled_as"].get(label, 0) + 1
+            if control not in entry["controls"]:
+                entry["controls"].append(control)
+            if task not in entry["tasks"] and len(entry["tasks"]) < SUGGESTION_TASKS:
+                entry["tasks"].append(task)
+        return sorted(grouped.values(), key=lambda entry: (-entry["count"], entry["text"]))
 
     def record_usage(self, project: int, model_version: str, rows: Sequence[tuple[int, float, int, int, int]]) -> None:
         """(task, model seconds, images, boxes, tokens) per predicted task, for the cost report."""

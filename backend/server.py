@@ -232,6 +232,15 @@ def create_app(service: Service) -> Flask:
             return _error("name the project: GET /jobs?project=<id>", 400)
         return jsonify({"jobs": [s for j in service.jobs.recent(project) if (s := service.jobs.status(j))]})
 
+    @app.get("/suggestions")
+    def suggestions() -> Response:
+        project = label_studio_id(request.args.get("project", type=int))
+        if project is None:
+            return _error("name the project: GET /suggestions?project=<id>[&model_version=<version>]", 400)
+        version = request.args.get("model_version") or None
+        return jsonify({"project": project, "model_version": version,
+                        "suggestions": predictor.reviews.suggestions(project, version)})  # fmt: skip
+
     @app.post("/jobs/preannotate")
     def preannotate() -> Response:
         project, tasks = read_preannotate(_json_object())

@@ -97,3 +97,38 @@ def test_a_controls_mllm_mode_is_read_and_checked():
     with pytest.raises(UnsupportedConfig, match='mllmMode="guess"; set it to closed, multiple-choice, open-world'):
         parse_label_config('<View><Image name="i" value="$i"/><Choices name="c" toName="i" mllmMode="guess">'
                            '<Choice value="a"/></Choices></View>')  # fmt: skip
+
+
+def test_out_of_set_answers_are_listed_per_project_as_candidate_new_classes(make_client, circle_crops):
+    import base64
+
+    from backend.shapes.training import SHIPPED
+    from tests.conftest import png_bytes
+
+    client, _ = make_client(MLLM_MODEL=str(SHIPPED), LABEL_MODE="open-world")
+    config = ('<View><Image name="i" value="$i"/><RectangleLabels name="b" toName="i"><Label value="invoice"/>'
+              '<Label value="receipt"/></RectangleLabels></View>')  # fmt: skip
+    tasks = []
+    for task_id, crop in enumerate(circle_crops[:3], start=1):  # one circle filling each image
+        url = "data:image/png;base64," + base64.b64encode(png_bytes(crop)).decode()
+        box = {
+            "id": f"b{task_id}",
+            "from_name": "b",
+            "to_name": "i",
+            "type": "rectanglelabels",
+            "value": {"x": 0, "y": 0, "width": 100, "height": 100, "rotation": 0, "rectanglelabels": []},
+        }
+        tasks.append({"id": task_id, "data": {"i": url}, "annotations": [{"id": task_id, "result": [box]}]})
+    answered = client.post("/predict", json={"tasks": tasks, "label_config": config, "project": "7.1"}).get_json()
+    written = [r["out_of_set"] for p in answered["results"] for r in p["result"]]
+    assert len(written) == 3 and all(written)
+    listed = client.get("/suggestions?project=7").get_json()
+    assert listed["project"] == 7
+    suggestions = listed["suggestions"]
+    assert sum(s["count"] for s in suggestions) == 3
+    assert {t for s in suggestions for t in s["tasks"]} == {1, 2, 3}
+    assert all(set(s["labelled_as"]) <= {"invoice", "receipt"} and s["controls"] == ["b"] for s in suggestions)
+    assert {s["text"].casefold() for s in suggestions} == {w.strip().casefold() for w in written}
+    assert client.get("/suggestions?project=8").get_json()["suggestions"] == []
+    missing = client.get("/suggestions")
+    assert missing.status_code == 400 and "GET /suggestions?project=<id>" in missing.get_json()["error"]
