@@ -8,7 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+from backend.review_plan import FLOOR, SELECTION_RULES
 from backend.settings import Settings, SettingsError
+from backend.training import TRAINING_LOSSES
 
 TINY_HELP = (
     "Write a tiny random-weight image-text-to-text checkpoint (model + processor, built offline) to DIR. "
@@ -113,16 +115,39 @@ def main(argv: list[str] | None = None) -> None:
 
     plan = commands.add_parser(
         "review-plan",
-        help="how many of the most suspicious tasks to review (reads scores from Label Studio)",
+        help="draw the tasks to review, with known probabilities (reads scores from Label Studio)",
         description="Reads the project's predictions from our current model_version through LABEL_STUDIO_URL / "
-        "LABEL_STUDIO_API_KEY and prints a JSON plan. Give --budget (fraction of tasks) or --target "
-        "(fraction of expected wrong labels to catch).",
+        "LABEL_STUDIO_API_KEY, draws a review sample (every task's inclusion probability is recorded in "
+        "MODEL_DIR's review store) and prints the plan as JSON. Give --budget (expected fraction of tasks) or "
+        "--target (expected fraction of wrong labels to catch).",
     )
     plan.add_argument("--project", type=int, required=True, help="Label Studio project id")
     amount = plan.add_mutually_exclusive_group(required=True)
     amount.add_argument("--budget", type=float, help="fraction of tasks you can review, e.g. 0.2")
     amount.add_argument("--target", type=float, help="fraction of expected errors to catch, e.g. 0.9")
-    plan.add_argument("--create-view", action="store_true", help="also save a Data Manager tab sorted by suspicion")
+    plan.add_argument("--rule", choices=SELECTION_RULES, default="threshold",
+                      help="threshold: the most suspicious for sure, the rest at --floor (default); "
+                      "exponential: a probability rising smoothly with suspicion")  # fmt: skip
+    plan.add_argument(
+        "--floor",
+        type=float,
+        default=FLOOR,
+        help=f"every task's least chance of review, so estimates stay unbiased (default {FLOOR})",
+    )
+    plan.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
+    plan.add_argument(
+        "--create-view",
+        action="store_true",
+        help='also save the Data Manager tabs "Review sample" and "Most suspicious first"',
+    )
+    estimate = commands.add_parser(
+        "review-estimate",
+        help="the project's label accuracy estimated from its reviewed sample, with a confidence interval",
+        description="Reads MODEL_DIR's review store: the latest review plan's drawn tasks whose reviews arrived "
+        "through the webhook, weighted by 1/their inclusion probability. Prints JSON.",
+    )
+    estimate.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    estimate.add_argument("--confidence", type=float, default=0.95, help="of the interval (default 0.95)")
 
     demo = commands.add_parser(
         "demo",
@@ -200,6 +225,14 @@ def main(argv: list[str] | None = None) -> None:
     shapes.add_argument("--vision-steps", type=int, default=2500, help="with --train: vision steps (default 2500)")
 
     commands.add_parser("worker", help="run an rq worker for training and pre-annotation jobs (needs REDIS_URL)")
+    train = commands.add_parser(
+        "train",
+        help="train the project's downstream classifier now, in the foreground (as a webhook-queued job would)",
+        description="Exports the project's labels through LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, trains a "
+        "classifier per control and commits a new version under MODEL_DIR; prints the version's metrics as JSON.",
+    )
+    train.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    train.add_argument("--loss", choices=TRAINING_LOSSES, help="the loss (default: TRAINING_LOSS, else weighted)")
     pre = commands.add_parser("preannotate", help="queue pre-annotation of a whole project (or some tasks)")
     pre.add_argument("--project", type=int, required=True, help="Label Studio project id")
     pre.add_argument("--tasks", type=int, nargs="*", help="only these task ids")
@@ -253,6 +286,15 @@ def main(argv: list[str] | None = None) -> None:
         settings = _load_settings()
         _configure_logging(settings.log_level)
         run_worker(settings)
+    elif args.command == "train":
+        from dataclasses import replace
+
+        from backend.training.run import train_project
+
+        settings = _load_settings()
+        _configure_logging(settings.log_level)
+        chosen = replace(settings, training_loss=args.loss) if args.loss else settings
+        print(json.dumps(train_project(chosen, args.project), indent=2))
     elif args.command == "preannotate":
         from backend.jobs import RedisJobs
 
@@ -269,7 +311,12 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "review-plan":
         from backend.review_plan import run_review_plan
 
-        run_review_plan(_load_settings(), args.project, args.budget, args.target, args.create_view)
+        run_review_plan(_load_settings(), args.project, budget=args.budget, target=args.target, rule=args.rule,
+                        floor=args.floor, seed=args.seed, create_view=args.create_view)  # fmt: skip
+    elif args.command == "review-estimate":
+        from backend.review_plan import run_review_estimate
+
+        run_review_estimate(_load_settings(), args.project, args.confidence)
     elif args.command == "bench":
         from backend.bench import main as bench_main
 

@@ -19,11 +19,14 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backend.annotate.suspicion import Calibrator
 from backend.evaluation.metrics import cross_fitted_ece, expected_calibration_error
 from backend.labelstudio.outcomes import PredictedLabel, review_outcomes
+
+if TYPE_CHECKING:
+    from backend.review_plan import ReviewPlan
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS predicted (
@@ -35,6 +38,11 @@ CREATE TABLE IF NOT EXISTS usage (
 CREATE TABLE IF NOT EXISTS reviewed (
     project INTEGER, task INTEGER, region TEXT, control TEXT, label TEXT, raw REAL, survived INTEGER, at REAL,
     annotation INTEGER, PRIMARY KEY (project, task, region, control, label));
+CREATE TABLE IF NOT EXISTS plans (
+    project INTEGER, plan INTEGER, rule TEXT, floor REAL, seed INTEGER, at REAL, PRIMARY KEY (project, plan));
+CREATE TABLE IF NOT EXISTS inclusion (
+    project INTEGER, plan INTEGER, task INTEGER, score REAL, probability REAL, selected INTEGER,
+    PRIMARY KEY (project, plan, task));
 """
 # Stores made before a column existed get it added (name, declaration).
 _ADDED_COLUMNS = {"reviewed": (("annotation", "INTEGER"),), "predicted": (("out_of_set", "TEXT"),)}
@@ -65,7 +73,7 @@ class ReviewStore:
                 for name, declaration in columns:
                     if name not in present:
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
-        self._calibrators: dict[int, tuple[tuple[int, int], Calibrator]] = {}
+        self._calibrators: dict[int, tuple[tuple[int, int, int | None], Calibrator]] = {}
 
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
@@ -177,6 +185,60 @@ class ReviewStore:
             rows = self._db.execute("SELECT raw, survived FROM reviewed WHERE project = ?", (project,)).fetchall()
         return [r[0] for r in rows], [bool(r[1]) for r in rows]
 
+    def weighted_outcomes(self, project: int) -> tuple[list[float], list[bool], list[float]]:
+        """Reviewed labels' raw scores and outcomes, each weighted by 1/π when its task was drawn by the project's
+        latest review plan (else 1): the sample then stands for the whole project, not its most suspicious part."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT r.raw, r.survived, i.probability FROM reviewed r LEFT JOIN inclusion i ON i.project = r.project"
+                " AND i.task = r.task AND i.selected = 1 AND i.plan = (SELECT MAX(plan) FROM plans WHERE project = ?)"
+                " WHERE r.project = ?", (project, project)).fetchall()  # fmt: skip
+        return [r[0] for r in rows], [bool(r[1]) for r in rows], [1.0 / r[2] if r[2] else 1.0 for r in rows]
+
+    def inclusion(self, project: int) -> dict[int, float]:
+        """Task → π for the tasks the project's latest review plan drew."""
+        with self._lock:
+            rows = self._db.execute("SELECT task, probability FROM inclusion WHERE project = ? AND selected = 1 AND "
+                                    "plan = (SELECT MAX(plan) FROM plans WHERE project = ?)",
+                                    (project, project)).fetchall()  # fmt: skip
+        return {int(task): float(p) for task, p in rows}
+
+    def record_plan(self, project: int, plan: ReviewPlan) -> int:
+        """Keep a review plan's inclusion probabilities; returns the plan's number in the project (1, 2, ...)."""
+        with self._writing() as db:
+            query = "SELECT COALESCE(MAX(plan), 0) + 1 FROM plans WHERE project = ?"
+            number = db.execute(query, (project,)).fetchone()[0]
+            db.execute("INSERT INTO plans VALUES (?, ?, ?, ?, ?, ?)",
+                       (project, number, plan.rule, plan.floor, plan.seed, time.time()))  # fmt: skip
+            db.executemany("INSERT INTO inclusion VALUES (?, ?, ?, ?, ?, ?)",
+                           [(project, number, i.task, i.score, i.probability, int(i.selected))
+                            for i in plan.inclusion])  # fmt: skip
+        return int(number)
+
+    def sample_estimate(self, project: int, confidence: float = 0.95) -> dict[str, Any]:
+        """The project's label accuracy estimated from the drawn tasks of its latest review plan that have been
+        reviewed so far (inverse-probability weighted; see review_plan.estimate_accuracy)."""
+        from backend.review_plan import estimate_accuracy
+
+        with self._lock:
+            plan = self._db.execute("SELECT plan, rule, floor FROM plans WHERE project = ? ORDER BY plan DESC LIMIT 1",
+                                    (project,)).fetchone()  # fmt: skip
+            if plan is None:
+                return {"project": project, "plan_id": None, "error": "no review plan: run `mllm-backend review-plan`"}
+            drawn = self._db.execute("SELECT COUNT(*) FROM inclusion WHERE project = ? AND plan = ? AND selected = 1",
+                                     (project, plan[0])).fetchone()[0]  # fmt: skip
+            rows = self._db.execute(
+                "SELECT SUM(r.survived), COUNT(*), i.probability FROM inclusion i JOIN reviewed r ON r.project ="
+                " i.project AND r.task = i.task WHERE i.project = ? AND i.plan = ? AND i.selected = 1 GROUP BY i.task",
+                (project, plan[0])).fetchall()  # fmt: skip
+        estimate = estimate_accuracy(correct=[r[0] for r in rows], labels=[r[1] for r in rows],
+                                     probabilities=[r[2] for r in rows], confidence=confidence)  # fmt: skip
+        return {"project": project, "plan_id": plan[0], "rule": plan[1], "floor": plan[2], "drawn_tasks": drawn,
+                "reviewed_tasks": estimate.reviewed_tasks, "reviewed_labels": estimate.reviewed_labels,
+                "complete": estimate.reviewed_tasks == drawn,
+                "accuracy": {"value": estimate.value, "low": estimate.low, "high": estimate.high,
+                             "confidence": confidence}}  # fmt: skip
+
     def _tally(self, project: int) -> tuple[int, int]:
         """(reviewed labels, labels kept) for a project, counted by the database."""
         with self._lock:
@@ -184,6 +246,10 @@ class ReviewStore:
                 "SELECT COUNT(*), COALESCE(SUM(survived), 0) FROM reviewed WHERE project = ?", (project,)
             ).fetchone()
         return count, kept
+
+    def _latest_plan(self, project: int) -> int | None:
+        with self._lock:
+            return self._db.execute("SELECT MAX(plan) FROM plans WHERE project = ?", (project,)).fetchone()[0]
 
     def _calibratable(self, count: int, kept: int) -> bool:
         return count >= self.min_reviews and 0 < kept < count
@@ -198,9 +264,10 @@ class ReviewStore:
         tally = self._tally(project)
         if not self._calibratable(*tally):
             return None
+        key = (*tally, self._latest_plan(project))
         cached = self._calibrators.get(project)
-        if cached is None or cached[0] != tally:
-            cached = (tally, Calibrator().fit(*self.outcomes(project)))
+        if cached is None or cached[0] != key:
+            cached = (key, Calibrator().fit(*self.weighted_outcomes(project)))
             self._calibrators[project] = cached
         return cached[1]
 

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 from backend.annotate.choice import LABEL_MODES
 from backend.annotate.tagging import TAG_METHODS
+from backend.labelstudio.regions import REGION_VIEWS
+from backend.training import TRAINING_LOSSES
 
 PACKAGE_PROMPTS = Path(__file__).resolve().parent / "default_prompts"  # prompts/, also inside an installed wheel
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -66,6 +68,7 @@ class Settings:
     tag_method: str = "tagllm"  # one of annotate.tagging.TAG_METHODS
     label_mode: str = "closed"  # one of annotate.choice.LABEL_MODES; a control's mllmMode wins
     option_orders: int = 1  # cyclic orders of a label list averaged over (1: as configured)
+    region_view: str = "crop"  # one of REGION_VIEWS: what a region's label question shows; a control's mllmView wins
     box_padding: float = 0.0
     box_min_side: int = 32
     text_encoder: str | None = None
@@ -81,6 +84,7 @@ class Settings:
     train_debounce_seconds: float = 60.0
     classifier_backbone: str | None = None  # None: the serving model's own vision tower (training/backbone.py)
     training_epochs: int = 10
+    training_loss: str = "weighted"  # one of training.classifier.TRAINING_LOSSES
     training_batch_size: int = 16
     training_learning_rate: float = 1e-4
     cascade: bool = False
@@ -269,6 +273,7 @@ class _Reader:
             tag_method=self.choice("TAG_METHOD", "tagllm", TAG_METHODS),
             label_mode=self.choice("LABEL_MODE", "closed", LABEL_MODES),
             option_orders=self.integer("OPTION_ORDERS", 1, 1),
+            region_view=self.choice("REGION_VIEW", "crop", REGION_VIEWS),
             box_padding=self.number("BOX_PADDING", 0.0, 0.0, 10.0),
             box_min_side=self.integer("BOX_MIN_SIDE", 32, 1),
             text_encoder=self.text("TEXT_ENCODER"),
@@ -284,6 +289,7 @@ class _Reader:
             train_debounce_seconds=self.number("TRAIN_DEBOUNCE_SECONDS", 60.0, 0.0),
             classifier_backbone=self.text("CLASSIFIER_BACKBONE"),
             training_epochs=self.integer("TRAINING_EPOCHS", 10, 1),
+            training_loss=self.choice("TRAINING_LOSS", "weighted", TRAINING_LOSSES),
             training_batch_size=self.integer("TRAINING_BATCH_SIZE", 16, 1),
             training_learning_rate=self.number("TRAINING_LEARNING_RATE", 1e-4, 1e-8, 1.0),
             cascade=self.flag("CASCADE", False),

@@ -12,7 +12,14 @@ from PIL import Image
 from backend.devtools.tiny import build_tiny_checkpoint
 from backend.labelstudio.config import parse_label_config
 from backend.labelstudio.export import labelled_items
-from backend.training.classifier import Classifier, TrainingConfig, TrainingData, split_by_task, weighted_loss
+from backend.training.classifier import (
+    Classifier,
+    TrainingConfig,
+    TrainingData,
+    act_loss,
+    split_by_task,
+    weighted_loss,
+)
 from backend.training.versions import ClassifierVersions
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (40, 50, 200)}
@@ -73,10 +80,50 @@ def test_the_noise_aware_loss_beats_the_unweighted_loss_under_systematic_mllm_er
     weighted = Classifier.build(backbone, LABELS, multi_label=False)
     weighted.fit(data, config)
     unweighted = Classifier.build(backbone, LABELS, multi_label=False)
-    unweighted.fit(data, TrainingConfig(**{**config.__dict__, "noise_aware": False}))
+    unweighted.fit(data, TrainingConfig(**{**config.__dict__, "loss": "plain"}))
     weighted_accuracy, unweighted_accuracy = accuracy_on_fresh_images(weighted), accuracy_on_fresh_images(unweighted)
     assert weighted_accuracy > 0.9
     assert weighted_accuracy - unweighted_accuracy > 0.15  # the unweighted model learns "red is green"
+
+
+def test_acts_corrected_loss_is_unbiased_for_the_all_human_loss():
+    rng = np.random.default_rng(0)
+    human = torch.tensor(rng.integers(0, 3, 400))
+    logits = 2 * torch.nn.functional.one_hot(human, 3) + torch.tensor(rng.normal(0, 1, (400, 3)), dtype=torch.float)
+    machine = torch.where(torch.tensor(rng.random(400) < 0.3), (human + 1) % 3, human)  # 30 % wrong
+    inclusion = torch.tensor(np.where(machine != human, 0.6, 0.1), dtype=torch.float)  # errors drawn more often
+    all_human = float(torch.nn.functional.cross_entropy(logits, human))
+    none = float(act_loss(logits, human, machine, torch.zeros(400, dtype=torch.bool), inclusion, False))
+    assert none == pytest.approx(float(torch.nn.functional.cross_entropy(logits, machine)))
+    everyone = act_loss(logits, human, machine, torch.ones(400, dtype=torch.bool), torch.ones(400), False)
+    assert float(everyone) == pytest.approx(all_human)
+    draws = [float(act_loss(logits, human, machine, torch.rand(400, generator=torch.Generator().manual_seed(s))
+                            < inclusion, inclusion, False)) for s in range(400)]  # fmt: skip
+    assert np.mean(draws) == pytest.approx(all_human, abs=4 * np.std(draws) / np.sqrt(len(draws)))
+    assert abs(none - all_human) > 10 * np.std(draws) / np.sqrt(len(draws))  # uncorrected, it is far off
+
+
+def test_acts_loss_learns_from_a_sampled_review_what_the_plain_loss_gets_wrong(backbone):
+    """The MLLM calls red "green" 90 % of the time; a review sample (π = 0.3 for suspicious labels, 0.05 for the
+    rest) corrects some. Trained on the corrected labels as they are, red is still mostly "green"; ACT's loss
+    weighs each correction by 1/π and learns red."""
+    rng = np.random.default_rng(5)
+    n = 300
+    truth = rng.integers(0, 3, n)
+    machine = np.where((truth == 0) & (rng.random(n) < 0.9), 1, truth)
+    suspicious = (machine != truth) | (rng.random(n) < 0.1)
+    inclusion = np.where(suspicious, 0.3, 0.05)
+    reviewed = rng.random(n) < inclusion
+    given = np.where(reviewed, truth, machine)
+    images = [colour_image(LABELS[t], rng) for t in truth]
+    data = TrainingData(images, given, np.ones(n, np.float32), np.arange(n), reviewed, machine, inclusion)
+    accuracy = {}
+    for loss in ("plain", "act"):
+        classifier = Classifier.build(backbone, LABELS, multi_label=False)
+        classifier.fit(data, TrainingConfig(epochs=12, learning_rate=3e-3, validation_fraction=0.1, loss=loss))
+        accuracy[loss] = accuracy_on_fresh_images(classifier)
+    assert accuracy["act"] > 0.85, accuracy
+    assert accuracy["act"] - accuracy["plain"] > 0.15, accuracy
 
 
 def test_multi_label_head_trains_on_tags(backbone):
@@ -121,10 +168,26 @@ def test_exported_tasks_become_reviewed_or_mllm_only_items():
     human = {**predicted, "annotations": [{"result": [{**box, "value": {**box["value"], "rectanglelabels": ["Cat"]}}],
                                           "was_cancelled": False}]}  # fmt: skip
     items = labelled_items(human, spec, "ours")
-    assert [(i.control, i.labels, i.reviewed, i.confidence) for i in items] == [
-        ("label", ("Cat",), True, 1.0),
-        ("tags", (), True, 1.0),
+    assert [(i.control, i.labels, i.reviewed, i.confidence, i.machine_labels) for i in items] == [
+        ("label", ("Cat",), True, 1.0, ("Dog",)),  # what we predicted for the same box, for ACT's loss
+        ("tags", (), True, 1.0, ("Indoor",)),
     ]  # the human chose no tags
+    from backend.training.run import build_data
+
+    rng = np.random.default_rng(0)
+    colours = {"image": colour_image("red", rng)}
+    single = parse_label_config(
+        '<View><Image name="image" value="$image"/><Choices name="c" toName="image"><Choice value="red"/>'
+        '<Choice value="green"/></Choices></View>'
+    )  # fmt: skip
+    answer = {"from_name": "c", "to_name": "image", "type": "choices", "value": {"choices": ["red"]}}
+    task = {"id": 4, "data": {"image": "image"}, "annotations": [{"result": [answer], "was_cancelled": False}],
+            "predictions": [{"result": [{**answer, "value": {"choices": ["green"]}}], "score": 0.2}]}  # fmt: skip
+    data = build_data(labelled_items(task, single), colours, ["red", "green"], False, inclusion={4: 0.25})
+    assert data.targets.tolist() == [0] and data.machine_targets.tolist() == [1] and data.inclusion.tolist() == [0.25]
+    fresh = {**task, "id": 5, "predictions": []}  # labelled by a person from scratch: nothing to correct
+    data = build_data(labelled_items(fresh, single), colours, ["red", "green"], False, inclusion={4: 0.25})
+    assert data.machine_targets.tolist() == [0] and data.inclusion.tolist() == [1.0]
 
 
 def test_versions_switch_atomically_and_a_failed_run_changes_nothing(tmp_path):

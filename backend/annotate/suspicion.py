@@ -74,8 +74,13 @@ class Calibrator:
         self._model = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip", increasing=True)
         self.fitted = False
 
-    def fit(self, scores: Sequence[float], outcomes: Sequence[bool]) -> Calibrator:
-        self._model.fit(np.asarray(scores, dtype=float), np.asarray(outcomes, dtype=float))
+    def fit(
+        self, scores: Sequence[float], outcomes: Sequence[bool], weights: Sequence[float] | None = None
+    ) -> Calibrator:
+        """Fit on reviewed labels; ``weights`` (1/π for a label drawn with probability π) undo how they were
+        selected for review."""
+        self._model.fit(np.asarray(scores, dtype=float), np.asarray(outcomes, dtype=float),
+                        sample_weight=None if weights is None else np.asarray(weights, dtype=float))  # fmt: skip
         self.fitted = True
         return self
 

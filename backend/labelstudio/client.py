@@ -145,6 +145,8 @@ def set_model_version(client, project: int, version: str) -> None:
 
 REVIEW_VIEW_TITLE = "Most suspicious first"
 DISAGREEMENT_VIEW_TITLE = "Model and person disagree"
+SAMPLE_VIEW_TITLE = "Review sample"
+SUSPICION_ORDER = "tasks:predictions_score"  # the Data Manager's "Prediction score" column, ascending
 
 
 def connect(url: str, api_key: str):
@@ -185,7 +187,7 @@ def create_review_view(client, project: int) -> int:
     hidden = {"explore": list(_HIDDEN_IN_REVIEW), "labeling": [*_HIDDEN_IN_REVIEW, *_HIDDEN_WHILE_LABELING]}
     view = client.views.create(
         project=project,
-        data={"title": REVIEW_VIEW_TITLE, "ordering": ["tasks:predictions_score"], "hiddenColumns": hidden},
+        data={"title": REVIEW_VIEW_TITLE, "ordering": [SUSPICION_ORDER], "hiddenColumns": hidden},
     )
     return int(view.id)
 
@@ -203,12 +205,22 @@ def _view_titled(client, project: int, title: str):
 
 
 def disagreement_view(client, project: int, task_ids: list[int]) -> int:
-    """The project's "Model and person disagree" tab, made or updated to list exactly ``task_ids``: the tasks to
-    annotate again (the CelebA study's protocol: re-annotate where the MLLM and the human differ, then vote)."""
+    """The project's "Model and person disagree" tab, listing exactly ``task_ids``: the tasks to annotate again
+    (the CelebA study's protocol: re-annotate where the MLLM and the human differ, then vote)."""
+    return _task_list_view(client, project, DISAGREEMENT_VIEW_TITLE, task_ids)
+
+
+def sample_view(client, project: int, task_ids: list[int]) -> int:
+    """The project's "Review sample" tab, listing exactly the tasks the latest review plan drew."""
+    return _task_list_view(client, project, SAMPLE_VIEW_TITLE, task_ids)
+
+
+def _task_list_view(client, project: int, title: str, task_ids: list[int]) -> int:
+    """The project's tab ``title``, made or updated to list exactly ``task_ids``, most suspicious first."""
     ids = sorted(set(task_ids)) or [0]  # no task has id 0: an empty tab
     items = [{"filter": "filter:tasks:id", "operator": "equal", "type": "Number", "value": task} for task in ids]
-    data = {"title": DISAGREEMENT_VIEW_TITLE, "filters": {"conjunction": "or", "items": items}}
-    view = _view_titled(client, project, DISAGREEMENT_VIEW_TITLE)
+    data = {"title": title, "filters": {"conjunction": "or", "items": items}, "ordering": [SUSPICION_ORDER]}
+    view = _view_titled(client, project, title)
     if view is None:
         return int(client.views.create(project=project, data=data).id)
     client.views.update(id=view.id, project=project, data={**view.data, **data})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from backend.labelstudio.config import ImageField, ProjectSpec
@@ -27,6 +27,7 @@ class LabelledItem:
     reviewed: bool
     confidence: float
     box: Box | None = None  # None: the whole image
+    machine_labels: tuple[str, ...] | None = None  # a reviewed item's labels in our prediction (None: none made)
 
 
 def _latest(items: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
@@ -43,11 +44,23 @@ def labelled_items(task: dict[str, Any], spec: ProjectSpec, model_version: str |
     if source is None:
         return []
     results = [r for r in source.get("result") or [] if isinstance(r, dict)]
+    predicted = [r for r in (_latest(predictions) or {}).get("result") or [] if isinstance(r, dict)]
     if reviewed:  # several people's answers to a class or attribute: their majority (the model votes too)
-        predicted = [r for r in (_latest(predictions) or {}).get("result") or [] if isinstance(r, dict)]
         results = voted_results(annotations, predicted, spec)
     source_score = source.get("score")
-    return [item for handler in spec.handlers for item in handler.training_items(task, results, reviewed, source_score)]
+    items = [
+        item for handler in spec.handlers for item in handler.training_items(task, results, reviewed, source_score)
+    ]
+    if not reviewed or not predicted:
+        return items
+    ours = {_item_key(item): item.labels for handler in spec.handlers
+            for item in handler.training_items(task, predicted, False, None)}  # fmt: skip
+    return [replace(item, machine_labels=ours.get(_item_key(item))) for item in items]
+
+
+def _item_key(item: LabelledItem) -> tuple[str, str | None]:
+    """An item's place: its control and region id (None for the whole image), the same in prediction and review."""
+    return item.control, item.box.id if item.box is not None else None
 
 
 def region_items(task: dict[str, Any], control: str, image: ImageField, results: list[dict], reviewed: bool,

@@ -286,6 +286,30 @@ def crop_box(
     return image.transform((out_w, out_h), Image.Transform.AFFINE, affine, Image.Resampling.BILINEAR)
 
 
+REGION_VIEWS = ("crop", "context")  # a region shown as its crop, or as the whole image with its box outlined
+OUTLINE_COLOUR = (255, 0, 0)  # "the red box": the mark vision-language models are commonly asked about
+
+
+def outline_box(image: Image.Image, box: Box, *, colour: tuple[int, int, int] = OUTLINE_COLOUR) -> Image.Image:
+    """A copy of the whole ``image`` with ``box`` drawn on it (rotated boxes as rotated), for asking about a
+    region in its context. The line is about 1/50 of the image's longer side (at least 2 px), so it survives the
+    downscaling a vision tower applies."""
+    from PIL import ImageDraw
+
+    outlined = image.convert("RGB")  # a copy: the caller's image stays as it is
+    line = max(2, round(max(image.size) / 50))
+    corners = pixel_corners(box, *image.size)
+    cx, cy = (corners[0][0] + corners[2][0]) / 2, (corners[0][1] + corners[2][1]) / 2
+    # the line runs just outside the box, so a small object is not painted over
+    corners = [(x + line * _unit(x - cx), y + line * _unit(y - cy)) for x, y in corners]
+    ImageDraw.Draw(outlined).polygon(corners, outline=colour, width=line)
+    return outlined
+
+
+def _unit(delta: float) -> float:
+    return math.copysign(1.0, delta) if delta else 0.0
+
+
 def shrink_to(image: Image.Image, max_pixels: int) -> Image.Image:
     """``image`` scaled down (aspect kept) to at most ``max_pixels``, or itself when it is within."""
     width, height = image.size

@@ -1,18 +1,18 @@
-"""The downstream classifier: a transformers image backbone with a trainable head, and its noise-aware loss.
+"""The downstream classifier: a transformers image backbone with a trainable head, and its losses.
 
-Box labels and single choices train a softmax head; multiple-choice tags a sigmoid head.
+Box labels and single choices train a softmax head; multiple-choice tags a sigmoid head. ℓ is
+the cross-entropy (softmax) or the mean binary cross-entropy over labels (sigmoid). The loss is
+chosen by name (``TrainingConfig.loss``, the ``TRAINING_LOSS`` setting):
 
-**Noise-aware loss** (after ACT, arXiv 2511.09833). Each item i carries a weight
-
-    w_i = 1                 for a human-reviewed label
-    w_i = q_i = P̂(correct)  for an MLLM-only label (our calibrated suspicion score)
-
-and the loss is the weighted mean  L = Σ_i w_i · ℓ(f(x_i), y_i) / Σ_i w_i,  where ℓ is the
-cross-entropy (softmax) or the mean binary cross-entropy over labels (sigmoid). An MLLM-only
-label thus counts as much as its chance of being right: in expectation, wrong labels drop
-out of the loss and right ones stay. (ACT's unbiased estimator additionally reweights reviewed
-items by 1/π_i, their review probability; the backend does not know π_i for reviews done
-outside its plan, so it uses the expected-correctness weights alone.)
+- ``"weighted"`` (default): each item weighs w_i = 1 when a person reviewed its label and
+  w_i = P̂(correct), our calibrated score, when only the MLLM labelled it; the loss is the
+  weighted mean Σ w_i ℓ(f(x_i), y_i) / Σ w_i. In expectation wrong MLLM labels drop out.
+- ``"act"``: ACT's corrected loss (arXiv 2511.09833),
+  L = (1/N) Σ [ ℓᵐ_i + (ℓ_i − ℓᵐ_i) · δ_i / π_i ], with ℓᵐ the loss on the MLLM's label, ℓ the
+  loss on the person's label, δ_i = 1 when item i was reviewed and π_i the probability that its
+  task was drawn for review (the review plan's; 1 for reviews outside a plan). Unbiased for the
+  all-human loss when every π_i > 0; its variance grows with 1/π.
+- ``"plain"``: the unweighted mean over the labels as they are (reviewed where reviewed).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backend.training import TRAINING_LOSSES
+
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +39,7 @@ class TrainingConfig:
     learning_rate: float = 1e-3
     validation_fraction: float = 0.2
     seed: int = 0
-    noise_aware: bool = True
+    loss: str = "weighted"  # one of TRAINING_LOSSES
 
 
 @dataclass
@@ -47,6 +49,8 @@ class TrainingData:
     weights: np.ndarray  # (n,) the noise-aware weights
     tasks: np.ndarray  # (n,) task ids: the split keeps a task's items together
     reviewed: np.ndarray  # (n,) bool
+    machine_targets: np.ndarray | None = None  # the MLLM's label per item, like ``targets`` (None: the same)
+    inclusion: np.ndarray | None = None  # (n,) π: the chance the item's task was drawn for review (None: all 1)
 
 
 def split_by_task(tasks: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,13 +62,26 @@ def split_by_task(tasks: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
     return np.flatnonzero(~validation), np.flatnonzero(validation)
 
 
-def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, multi_label: bool):
+def _per_item(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
     if multi_label:
-        per_item = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none")
-        per_item = per_item.mean(dim=1)
-    else:
-        per_item = torch.nn.functional.cross_entropy(logits, targets.long(), reduction="none")
-    return (weights * per_item).sum() / weights.sum().clamp_min(1e-8)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none")
+        return loss.mean(dim=1)
+    return torch.nn.functional.cross_entropy(logits, targets.long(), reduction="none")
+
+
+def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, multi_label: bool):
+    """Σ w ℓ / Σ w (``"weighted"``; all weights 1 is ``"plain"``)."""
+    return (weights * _per_item(logits, targets, multi_label)).sum() / weights.sum().clamp_min(1e-8)
+
+
+def act_loss(
+    logits: torch.Tensor, targets: torch.Tensor, machine_targets: torch.Tensor, reviewed: torch.Tensor,
+    inclusion: torch.Tensor, multi_label: bool,
+) -> torch.Tensor:  # fmt: skip
+    """ACT's corrected loss: the mean of ℓᵐ + (ℓ − ℓᵐ)·δ/π (see the module's docstring)."""
+    machine = _per_item(logits, machine_targets, multi_label)
+    human = _per_item(logits, targets, multi_label)
+    return (machine + (human - machine) * reviewed.float() / inclusion).mean()
 
 
 def evaluate(probabilities: np.ndarray, targets: np.ndarray, multi_label: bool) -> dict[str, float]:
@@ -114,8 +131,9 @@ class Classifier:
         train, validation = split_by_task(data.tasks, config.validation_fraction, config.seed)
         torch.manual_seed(config.seed)
         pixels = self._pixels(data.images)
-        targets = torch.as_tensor(data.targets)
-        weights = torch.as_tensor(data.weights if config.noise_aware else np.ones(len(data.weights)), dtype=torch.float)
+        if config.loss not in TRAINING_LOSSES:
+            raise ValueError(f"loss={config.loss!r}; choose one of {', '.join(TRAINING_LOSSES)}")
+        loss_of = self._loss(data, config.loss)
         optimiser = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate)
         generator = torch.Generator().manual_seed(config.seed)
         self.model.train()
@@ -123,8 +141,7 @@ class Classifier:
             order = torch.as_tensor(train)[torch.randperm(len(train), generator=generator)]
             for start in range(0, len(order), config.batch_size):
                 batch = order[start : start + config.batch_size]
-                logits = self.model(pixel_values=pixels[batch]).logits
-                loss = weighted_loss(logits, targets[batch], weights[batch], self.multi_label)
+                loss = loss_of(self.model(pixel_values=pixels[batch]).logits, batch)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
@@ -133,6 +150,19 @@ class Classifier:
         metrics = self._metrics(data, validation)
         metrics.update(train_items=int(len(train)), validation_items=int(len(validation)), config=asdict(config))
         return metrics
+
+    def _loss(self, data: TrainingData, name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The named loss of a batch's logits, given the batch's item indices."""
+        targets = torch.as_tensor(data.targets)
+        if name == "act":
+            machine = torch.as_tensor(data.machine_targets if data.machine_targets is not None else data.targets)
+            reviewed = torch.as_tensor(data.reviewed)
+            inclusion = torch.as_tensor(data.inclusion if data.inclusion is not None else np.ones(len(data.targets)),
+                                        dtype=torch.float)  # fmt: skip
+            return lambda logits, b: act_loss(logits, targets[b], machine[b], reviewed[b], inclusion[b],
+                                              self.multi_label)  # fmt: skip
+        weights = torch.as_tensor(data.weights if name == "weighted" else np.ones(len(data.weights)), dtype=torch.float)
+        return lambda logits, b: weighted_loss(logits, targets[b], weights[b], self.multi_label)
 
     def _metrics(self, data: TrainingData, validation: np.ndarray) -> dict:
         if len(validation) == 0:

@@ -38,15 +38,17 @@ class NothingToTrain(RuntimeError):
 def training_config(settings: Settings) -> TrainingConfig:
     return TrainingConfig(
         epochs=settings.training_epochs, batch_size=settings.training_batch_size,
-        learning_rate=settings.training_learning_rate,
+        learning_rate=settings.training_learning_rate, loss=settings.training_loss,
     )  # fmt: skip
 
 
 def build_data(
     items: Sequence[LabelledItem], images: dict[str, Image.Image], labels: Sequence[str], multi_label: bool,
-    padding: float = 0.0, min_side: int = 1,
+    padding: float = 0.0, min_side: int = 1, inclusion: dict[int, float] | None = None,
 ) -> TrainingData:  # fmt: skip
-    """Crops (or whole images) with targets and noise-aware weights; items whose pixels fail are left out."""
+    """Crops (or whole images) with targets, noise-aware weights, our own labels (for ACT's loss) and each task's
+    review probability π from ``inclusion`` (task → π; 1 for tasks outside it); items whose pixels fail are left
+    out."""
     kept, pixels = [], []
     for item in items:
         image = images.get(item.image_url)
@@ -58,19 +60,29 @@ def build_data(
             continue
         kept.append(item)
     index = {label: i for i, label in enumerate(labels)}
-    if multi_label:
-        targets = np.zeros((len(kept), len(labels)), dtype=np.float32)
-        for row, item in enumerate(kept):
-            targets[row, [index[label] for label in item.labels if label in index]] = 1.0
-    else:
-        targets = np.array([index[item.labels[0]] for item in kept], dtype=np.int64)
+    targets = _targets([item.labels for item in kept], index, multi_label)
+    # an item we did not predict (a person labelled it from scratch), or predicted with a label the config no longer
+    # has, counts its own label as the machine's: ACT's loss then makes no correction for it
+    machine = _targets([item.machine_labels if item.machine_labels and set(item.machine_labels) <= set(index)
+                        else item.labels for item in kept], index, multi_label)  # fmt: skip
     return TrainingData(
         images=pixels,
         targets=targets,
         weights=np.array([1.0 if item.reviewed else item.confidence for item in kept], dtype=np.float32),
         tasks=np.array([item.task for item in kept]),
         reviewed=np.array([item.reviewed for item in kept], dtype=bool),
+        machine_targets=machine,
+        inclusion=np.array([(inclusion or {}).get(item.task, 1.0) for item in kept], dtype=np.float32),
     )
+
+
+def _targets(labels: Sequence[tuple[str, ...]], index: dict[str, int], multi_label: bool) -> np.ndarray:
+    if multi_label:
+        targets = np.zeros((len(labels), len(index)), dtype=np.float32)
+        for row, given in enumerate(labels):
+            targets[row, [index[label] for label in given if label in index]] = 1.0
+        return targets
+    return np.array([index[given[0]] for given in labels], dtype=np.int64)
 
 
 def _summary(items: Sequence[LabelledItem]) -> dict:
@@ -106,7 +118,7 @@ def train_project(settings: Settings, project: int, progress: Callable[[float, s
     store = ClassifierVersions(settings.model_dir)
     version, partial = store.begin(project)
     try:
-        controls = _train_controls(settings, spec, items, images, partial, report)
+        controls = _train_controls(settings, spec, items, images, partial, report, _inclusion(settings, project))
         if not controls:
             raise NothingToTrain(f"project {project} has fewer than {MIN_ITEMS} labelled items for every control")
         metrics = {"project": project, "version": version, "created": time.time(), "controls": controls,
@@ -120,14 +132,14 @@ def train_project(settings: Settings, project: int, progress: Callable[[float, s
     return metrics
 
 
-def _train_controls(settings, spec: ProjectSpec, items, images, partial: Path, report) -> dict:
+def _train_controls(settings, spec: ProjectSpec, items, images, partial: Path, report, inclusion) -> dict:
     targets = [(t.control, t.labels, False) for t in spec.region_labels] + [
         (t.control, t.labels, t.multiple) for t in spec.image_choices
     ]
     results = {}
     for number, (control, labels, multi_label) in enumerate(targets):
         mine = [item for item in items if item.control == control]
-        data = build_data(mine, images, labels, multi_label, settings.box_padding, settings.box_min_side)
+        data = build_data(mine, images, labels, multi_label, settings.box_padding, settings.box_min_side, inclusion)
         if len(data.images) < MIN_ITEMS:
             continue
         classifier = Classifier.build(
@@ -140,6 +152,13 @@ def _train_controls(settings, spec: ProjectSpec, items, images, partial: Path, r
         results[control] = classifier.fit(data, training_config(settings), step)
         classifier.save(partial / control)
     return results
+
+
+def _inclusion(settings: Settings, project: int) -> dict[int, float]:
+    """Task → π for the tasks the project's latest review plan drew (ACT's loss weighs their reviews by 1/π)."""
+    from backend.reviews import ReviewStore
+
+    return ReviewStore(settings.model_dir / "reviews.sqlite3", settings.calibration_min_reviews).inclusion(project)
 
 
 def _load_images(settings: Settings, items: Sequence[LabelledItem]) -> dict[str, Image.Image]:

@@ -155,20 +155,30 @@ def test_prediction_score_ordering_is_ascending_suspicion_with_no_manual_step(cl
     assert len(tasks) == len(boxes_project["tasks"])
 
 
-def test_review_plan_reads_the_scores_and_saves_a_suspicion_view(client, stack, boxes_project, capsys):
+def test_review_plan_draws_a_sample_records_it_and_saves_its_tab(client, stack, boxes_project, capsys, tmp_path):
     from backend.review_plan import run_review_plan
+    from backend.reviews import ReviewStore
     from backend.settings import Settings
 
     model = requests.get(f"{stack.backend_url}/versions", timeout=5).json()["model"]
-    settings = Settings.from_env(
-        {"MLLM_MODEL": model, "LABEL_STUDIO_URL": stack.label_studio_url, "LABEL_STUDIO_API_KEY": stack.token}
-    )
+    settings = Settings.from_env({"MLLM_MODEL": model, "LABEL_STUDIO_URL": stack.label_studio_url,
+                                  "LABEL_STUDIO_API_KEY": stack.token, "MODEL_DIR": str(tmp_path)})  # fmt: skip
     run_review_plan(settings, boxes_project["id"], budget=0.5, target=None, create_view=True)
     plan = json.loads(capsys.readouterr().out)
-    assert plan["model_version"] == backend_version(stack)
-    assert plan["tasks"] == len(boxes_project["tasks"]) and plan["review"] == 1
-    [view] = [v for v in client.views.list(project=boxes_project["id"]) if v.id == plan["view_id"]]
-    assert view.data["ordering"] == ["tasks:predictions_score"]
+    assert plan["model_version"] == backend_version(stack) and plan["plan_id"] == 1 and plan["rule"] == "threshold"
+    assert plan["tasks"] == len(boxes_project["tasks"]) and plan["expected_review"] == pytest.approx(
+        0.5 * plan["tasks"], abs=1e-3)  # fmt: skip
+    views = {v.id: v for v in client.views.list(project=boxes_project["id"])}
+    assert views[plan["view_id"]].data["ordering"] == ["tasks:predictions_score"]
+    sample = views[plan["sample_view_id"]].data
+    assert sample["title"] == "Review sample"
+    assert sorted(item["value"] for item in sample["filters"]["items"]) == sorted(plan["first_task_ids"])
+    listed = requests.get(f"{stack.label_studio_url}/api/tasks/", headers={"Authorization": f"Token {stack.token}"},
+                          params={"project": boxes_project["id"], "view": plan["sample_view_id"]},
+                          timeout=30).json()["tasks"]  # fmt: skip
+    assert sorted(t["id"] for t in listed) == sorted(plan["first_task_ids"])  # the tab shows the drawn tasks
+    store = ReviewStore(tmp_path / "reviews.sqlite3")
+    assert store.sample_estimate(boxes_project["id"])["drawn_tasks"] == plan["review"]
 
 
 def test_reviewed_annotations_reach_the_backend_as_review_outcomes(client, stack, boxes_project):

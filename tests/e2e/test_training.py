@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -204,3 +205,16 @@ def test_preannotate_stores_one_prediction_per_task_and_resumes(queued_backend, 
     again = requests.post(f"{url}/jobs/preannotate", json={"project": project}, timeout=5).json()["job"]
     rerun = wait_for_job(url, again, {"finished", "failed"})["result"]
     assert rerun["stored"] == 0 and rerun["skipped"] == 30
+
+
+def test_the_train_command_trains_in_the_foreground_with_acts_loss(queued_backend, colour_project, queue_env):
+    url, project = queued_backend["url"], colour_project["id"]
+    before = len(classifier_versions(url, project))
+    done = subprocess.run([sys.executable, "-m", "backend.cli", "train", "--project", str(project), "--loss", "act"],
+                          env=queue_env, capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads(done.stdout)
+    assert metrics["controls"]["colour"]["config"]["loss"] == "act"
+    assert metrics["controls"]["colour"]["validation"]["accuracy"] >= 0.5  # chance is 1/3
+    versions = classifier_versions(url, project)
+    assert len(versions) == before + 1 and versions[-1]["current"] and versions[-1]["version"] == metrics["version"]
