@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     shapes.add_argument("dir", type=Path, help="output folder")
     shapes.add_argument("--train", action="store_true", help="train from scratch instead of copying")
-    shapes.add_argument("--steps", type=int, default=3000, help="with --train: question-answer steps (default 3000)")
+    shapes.add_argument("--steps", type=int, default=3500, help="with --train: question-answer steps (default 3500)")
     shapes.add_argument("--vision-steps", type=int, default=2500, help="with --train: vision steps (default 2500)")
 
     commands.add_parser("worker", help="run an rq worker for training and pre-annotation jobs (needs REDIS_URL)")

@@ -339,11 +339,13 @@ class Predictor:
             return shown[field_.name]
 
         interactive = bool(context and context.get("result"))  # label only the region just drawn
-        given = TaskInput(index, task, tuple(drawn), whole, not interactive, self.settings.max_labels)
+        given = TaskInput(index, task, tuple(drawn), whole, not interactive, self.settings.max_labels,
+                          self.settings.region_view)  # fmt: skip
         prepared = _Prepared(index)
         for handler in spec.handlers:
             prepared.questions += [(handler, question) for question in handler.questions(given)]
-            self._check_held([d.crop for d in drawn] + [q.image for _, q in prepared.questions])
+            self._check_held([d.crop for d in drawn] + [i for _, q in prepared.questions for i in (q.image, q.context)
+                                                         if i is not None])  # fmt: skip
         return prepared
 
     def _check_held(self, images: Sequence[Image.Image]) -> None:
@@ -385,7 +387,8 @@ class Predictor:
             critic = self.critic_slot.get(self.settings.predict_wait_seconds) if self.critic_slot else engine
             hints = {label: hint for output, _ in judged for label, hint in output.hints.items()}
             images = [judged[i][0].question.image for i in asked]
-            found = judge(critic, self.prompts, images, [judged[i][1].label for i in asked], hints)
+            found = judge(critic, self.prompts, images, [judged[i][1].label for i in asked],
+                          [judged[i][1].alternative for i in asked], hints)  # fmt: skip
         except Exception as exc:  # the critic is advice: without it, scores fall back to the other signals
             log.warning("critic pass failed (%s); scoring without it", _describe(exc))
             self.telemetry.task_errors.labels(reason="critic").inc()

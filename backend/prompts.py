@@ -16,6 +16,7 @@ from typing import Any
 
 TEMPLATES: dict[str, frozenset[str]] = {
     "box_label": frozenset({"labels"}),
+    "box_context_label": frozenset({"labels"}),
     "box_fine_label": frozenset({"label"}),
     "image_choice": frozenset({"labels"}),
     "tag_candidates": frozenset({"labels"}),
@@ -23,7 +24,7 @@ TEMPLATES: dict[str, frozenset[str]] = {
     "attribute": frozenset({"attribute", "definition"}),
     "open_label": frozenset(),
     "concept_draft": frozenset({"label", "others", "definition"}),
-    "critic": frozenset({"label", "definition"}),
+    "critic": frozenset({"label", "definition", "alternative", "alternative_definition"}),
     "caption": frozenset(),
     "answer": frozenset({"question"}),
     "region_text": frozenset(),

@@ -73,7 +73,7 @@ class ReviewStore:
                 for name, declaration in columns:
                     if name not in present:
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
-        self._calibrators: dict[int, tuple[tuple[int, int, int | None], Calibrator]] = {}
+        self._calibrators: dict[int, tuple[tuple[int, int], Calibrator]] = {}
 
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
@@ -185,16 +185,6 @@ class ReviewStore:
             rows = self._db.execute("SELECT raw, survived FROM reviewed WHERE project = ?", (project,)).fetchall()
         return [r[0] for r in rows], [bool(r[1]) for r in rows]
 
-    def weighted_outcomes(self, project: int) -> tuple[list[float], list[bool], list[float]]:
-        """Reviewed labels' raw scores and outcomes, each weighted by 1/π when its task was drawn by the project's
-        latest review plan (else 1): the sample then stands for the whole project, not its most suspicious part."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT r.raw, r.survived, i.probability FROM reviewed r LEFT JOIN inclusion i ON i.project = r.project"
-                " AND i.task = r.task AND i.selected = 1 AND i.plan = (SELECT MAX(plan) FROM plans WHERE project = ?)"
-                " WHERE r.project = ?", (project, project)).fetchall()  # fmt: skip
-        return [r[0] for r in rows], [bool(r[1]) for r in rows], [1.0 / r[2] if r[2] else 1.0 for r in rows]
-
     def inclusion(self, project: int) -> dict[int, float]:
         """Task → π for the tasks the project's latest review plan drew."""
         with self._lock:
@@ -247,10 +237,6 @@ class ReviewStore:
             ).fetchone()
         return count, kept
 
-    def _latest_plan(self, project: int) -> int | None:
-        with self._lock:
-            return self._db.execute("SELECT MAX(plan) FROM plans WHERE project = ?", (project,)).fetchone()[0]
-
     def _calibratable(self, count: int, kept: int) -> bool:
         return count >= self.min_reviews and 0 < kept < count
 
@@ -264,10 +250,11 @@ class ReviewStore:
         tally = self._tally(project)
         if not self._calibratable(*tally):
             return None
-        key = (*tally, self._latest_plan(project))
         cached = self._calibrators.get(project)
-        if cached is None or cached[0] != key:
-            cached = (key, Calibrator().fit(*self.weighted_outcomes(project)))
+        if cached is None or cached[0] != tally:
+            # Unweighted: a review sample is drawn by score, and a calibrator learns P(kept | score), which
+            # selection by score does not bias; 1/π weights only added variance (quality report, tuning seeds).
+            cached = (tally, Calibrator().fit(*self.outcomes(project)))
             self._calibrators[project] = cached
         return cached[1]
 

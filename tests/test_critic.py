@@ -21,25 +21,30 @@ from tests.test_tagging import CountingEngine
 # --- the critic's plumbing on the tiny model (its verdicts are noise there) ---
 
 
-def test_critic_verdicts_are_renormalised_yes_no_and_batching_changes_nothing(llava_engine):
+def test_critic_verdicts_are_p_no_renormalised_over_yes_no_and_batching_changes_nothing(llava_engine):
     prompts = PromptBook(PACKAGE_PROMPTS)
-    images = [noise_image(20, 30, 1), noise_image(40, 10, 2), noise_image(33, 33, 3)]
-    labels = ["cat", "dog", "cat"]
-    together = judge(llava_engine, prompts, images, labels)
-    assert together.shape == (3,) and ((together > 0) & (together < 1)).all()
-    for i in range(3):
-        assert judge(llava_engine, prompts, [images[i]], [labels[i]])[0] == pytest.approx(together[i], abs=1e-6)
-    question = prompts.render("critic", label="cat", definition=prompts.definition("cat"))
+    images = [noise_image(20, 30, 1), noise_image(40, 10, 2), noise_image(33, 33, 3), noise_image(12, 9, 4)]
+    labels, alternatives = ["cat", "dog", "cat", "cat"], ["dog", "cat", "dog", None]
+    together = judge(llava_engine, prompts, images, labels, alternatives)
+    assert together.shape == (4,) and ((together > 0) & (together < 1)).all()
+    for i in range(4):
+        alone = judge(llava_engine, prompts, [images[i]], [labels[i]], [alternatives[i]])[0]
+        assert alone == pytest.approx(together[i], abs=1e-6)
+    question = prompts.render("critic", label="cat", definition=prompts.definition("cat"), alternative="dog",
+                              alternative_definition=prompts.definition("dog"))  # fmt: skip
     yes_no = llava_engine.score_options([images[0]], question, ("yes", "no")).logprobs[0]
-    assert together[0] == pytest.approx(1 / (1 + math.exp(yes_no[1] - yes_no[0])), abs=1e-6)
+    # "yes" says the label is wrong: the verdict is P(no)
+    assert together[0] == pytest.approx(1 / (1 + math.exp(yes_no[0] - yes_no[1])), abs=1e-6)
 
 
-def test_the_judge_prompt_states_the_definition(llava_engine):
+def test_the_judge_prompt_states_both_definitions_and_the_runner_up(llava_engine):
     engine = CountingEngine(llava_engine)
-    judge(engine, PromptBook(PACKAGE_PROMPTS), [noise_image(9, 9)], ["mouse"], {"mouse": "a config hint"})
+    prompts = PromptBook(PACKAGE_PROMPTS)
+    judge(engine, prompts, [noise_image(9, 9)], ["mouse"], ["kite"], {"mouse": "a config hint", "kite": "a toy"})
     assert "hand-held pointing device" in engine.prompts[-1]  # concepts.json's definition
-    judge(engine, PromptBook(PACKAGE_PROMPTS), [noise_image(9, 9)], ["kite"], {"kite": "a flying toy"})
-    assert "a flying toy" in engine.prompts[-1]
+    assert '"kite", which means: a toy' in engine.prompts[-1] and "wrong" in engine.prompts[-1]
+    judge(engine, prompts, [noise_image(9, 9)], ["kite"], [None], {"kite": "a flying toy"})
+    assert "a flying toy" in engine.prompts[-1] and '"none"' in engine.prompts[-1]
 
 
 # --- fusion maths ---
@@ -115,16 +120,18 @@ def test_review_outcomes_pair_predicted_labels_with_the_humans_result():
                         ("tags", "Blurry"): False}  # fmt: skip
 
 
-def test_review_plan_reviews_the_most_suspicious_first():
+def test_a_review_plan_without_a_floor_is_the_most_suspicious_tasks_first():
     scores = [(1, 0.95), (2, 0.2), (3, 0.6), (4, 0.99), (5, 0.4)]
-    plan = plan_review(scores, budget=0.4)
+    plan = plan_review(scores, budget=0.4, floor=0.0)
     assert plan.review == 2 and plan.first_task_ids == (2, 5)
     assert plan.expected_errors == pytest.approx(0.05 + 0.8 + 0.4 + 0.01 + 0.6)
     assert plan.expected_errors_caught == pytest.approx(1.4)
-    target = plan_review(scores, target=0.9)
+    target = plan_review(scores, target=0.9, floor=0.0)
     assert target.first_task_ids == (2, 5, 3) and target.caught_fraction >= 0.9
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exactly one"):
         plan_review(scores)
+    with pytest.raises(ValueError, match="budget=1.5"):
+        plan_review(scores, budget=1.5)
 
 
 # --- the loop through the app: predict, review by webhook, calibrated scores ---

@@ -19,7 +19,8 @@ REQUIRED = (
     "box_accuracy", "tag_micro_f1", "tag_macro_f1", "tag_candidate_recall", "tag_map", "task_auroc", "region_auroc",
     "review_found_at_20", "review_found_at_20_random", "review_found_at_20_confidence", "ece_raw", "ece_calibrated",
     "critic_auroc_gain", "downstream", "calls_per_image", "tokens_per_box", "tag_methods", "tag_questions_per_image",
-    "label_modes", "attributes", "fine_names",
+    "label_modes", "attributes", "fine_names", "region_views", "review_estimate", "review_estimate_coverage",
+    "downstream_by_loss", "downstream_gap", "downstream_reviews_spent", "ece_calibrated_weighted",
 )  # fmt: skip
 
 
@@ -65,9 +66,22 @@ def test_sorting_by_prediction_score_puts_wrong_labels_first(report):  # 0.84-0.
     assert report["review_found_at_20"] >= 2 * report["review_found_at_20_random"]
 
 
-def test_the_downstream_classifier_is_trained_and_tested_per_label_source(report):
-    assert set(report["downstream"]) == {"human", "mllm", "mllm_reviewed_20"}
-    assert all(0.25 <= accuracy <= 1.0 for accuracy in report["downstream"].values())  # chance is 1/8
+def test_the_downstream_classifier_is_trained_and_tested_per_label_source_and_loss(report):
+    sources = {"human", "mllm", "mllm_reviewed_10", "mllm_reviewed_20", "mllm_reviewed_50"}
+    assert set(report["downstream"]) == sources
+    assert set(report["downstream_by_loss"]) == {"weighted", "act", "plain"}
+    assert all(set(row) == sources for row in report["downstream_by_loss"].values())
+    assert report["downstream"] == report["downstream_by_loss"]["weighted"]  # the default loss
+    assert all(0.25 <= accuracy <= 1.0 for row in report["downstream_by_loss"].values() for accuracy in row.values())
+    spent = report["downstream_reviews_spent"]
+    assert spent["mllm"] == 0 and spent["mllm_reviewed_10"] < spent["mllm_reviewed_20"] < spent["mllm_reviewed_50"]
+    assert report["downstream_gap"]["human"] == 0
+
+
+def test_the_review_samples_interval_covers_the_true_accuracy(report):
+    estimate = report["review_estimate"]
+    assert estimate["low"] <= estimate["value"] <= estimate["high"] and estimate["covered"]
+    assert report["review_estimate_coverage"] >= 0.85  # a 95 % interval, over 200 draws
 
 
 def test_tagging_keeps_per_tag_scores_and_beats_the_open_question(report):

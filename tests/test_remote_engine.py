@@ -230,7 +230,9 @@ def test_answers_are_matched_by_letter_or_exact_label(answer, expected):
     assert match_answer(answer, LABELS, lettered=True) == expected
 
 
-@pytest.mark.parametrize("template", ["box_label", "image_choice", "tag_confirm", "critic", "tag_candidates"])
+@pytest.mark.parametrize(
+    "template", ["box_label", "box_context_label", "image_choice", "tag_confirm", "critic", "tag_candidates"]
+)
 def test_a_lettered_question_gives_one_answer_instruction(template):
     from backend.prompts import PromptBook, format_labels
     from backend.settings import PACKAGE_PROMPTS
@@ -243,5 +245,5 @@ def test_a_lettered_question_gives_one_answer_instruction(template):
     asked = lettered_question(prompt, options)
     assert asked.count("Answer") == 1 and asked.endswith("Answer with the letter of one option only.")
     assert "A. " + options[0] in asked.splitlines() and "B. " + options[1] in asked.splitlines()
-    if template in {"box_label", "image_choice"}:  # the listed labels get their letters in place, listed once
+    if template in {"box_label", "box_context_label", "image_choice"}:  # the labels get their letters in place
         assert "- cat" not in asked and asked.count("cat") == 1

@@ -41,6 +41,12 @@ class Choice:
     suggestion: str | None = None  # an open answer no label was similar enough to: a candidate new class
 
     @property
+    def runner_up(self) -> str | None:
+        """The label ranked next after ``label`` (None when there is only one label)."""
+        ranked = sorted(zip(self.probabilities, self.labels, strict=True), key=lambda pair: -pair[0])
+        return next((label for _, label in ranked if label != self.label), None)
+
+    @property
     def margin(self) -> float:
         """How far the chosen label is ahead of the runner-up (0 when there is only one label)."""
         ranked = sorted(self.probabilities, reverse=True)

@@ -48,6 +48,7 @@ class TaskInput:
     image: Callable[[ImageField], Image.Image]  # the whole image as the model sees it (shrunk), made once per task
     whole_image: bool  # False in an interactive request: only the region just drawn is labelled
     max_labels: int  # MAX_LABELS: the most labels a question may score, whether the config or the task gives them
+    region_view: str = "crop"  # REGION_VIEW: how a region's label question shows it, unless its control says
 
     def labels_of(self, source: LabelSet) -> tuple[str, ...]:
         """``source``'s labels for this task, refused past ``max_labels`` (a task's data can list any number)."""
@@ -71,6 +72,7 @@ class Question:
     region: Drawn | None = None
     labels: tuple[str, ...] = ()  # the label set to choose from (the config's, or the task's own)
     text: str | None = None  # a question from the task's data (visual question answering)
+    context: Image.Image | None = None  # the whole image with the region outlined, when the label is asked so
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class Predicted:
     signals: Signals
     from_classifier: bool = False  # chosen by the project's trained classifier (CASCADE), not the MLLM
     confirmed: bool = False  # its probability already answers a yes/no question about it: the critic would re-ask
+    alternative: str | None = None  # the label ranked next, which the critic weighs it against
 
 
 @dataclass(frozen=True)

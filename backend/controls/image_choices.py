@@ -134,7 +134,7 @@ class ImageChoices:
         result_type = "taxonomy" if self.source.paths else "choices"
         signals = Signals(annotator=answer.probability, margin=answer.margin, mapped=answer.mapped)
         # An attribute's answer already is a yes/no verdict on it: the critic would ask the same question again.
-        predicted = Predicted(answer.label, signals, confirmed=self.attribute is not None)
+        predicted = Predicted(answer.label, signals, confirmed=self.attribute is not None, alternative=answer.runner_up)
         return Output(question, self.control, self.image.name, result_type,
                       self.source.payload(result_type, answer.label), predicted=(predicted,), hints=hints,
                       out_of_set=answer.suggestion)  # fmt: skip

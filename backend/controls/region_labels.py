@@ -8,11 +8,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from PIL import Image
+
 from backend.annotate.choice import Choice, choose_label
 from backend.annotate.suspicion import Signals
-from backend.controls.base import Asking, Output, Predicted, Question, TaskInput
-from backend.labelstudio.config import LABELLED_SHAPES, ConfigView, ImageField, LabelSet, is_true, mode_attr
+from backend.controls.base import Asking, Drawn, Output, Predicted, Question, TaskInput
+from backend.labelstudio.config import (
+    LABELLED_SHAPES,
+    ConfigView,
+    ImageField,
+    LabelSet,
+    is_true,
+    mode_attr,
+    view_attr,
+)
 from backend.labelstudio.export import Comparison, compare_labels, region_items
+from backend.labelstudio.regions import outline_box
+
+TEMPLATES = {False: "box_label", True: "box_context_label"}  # by whether the region is shown in its context
 
 
 @dataclass(frozen=True)
@@ -27,6 +40,7 @@ class RegionLabels:
     region_controls: tuple[str, ...]
     label_set: LabelSet | None = None  # None: ``labels``, written in the config
     mode: str | None = None  # mllmMode (None: the LABEL_MODE setting)
+    view: str | None = None  # mllmView (None: the REGION_VIEW setting)
 
     @property
     def source(self) -> LabelSet:
@@ -50,14 +64,22 @@ class RegionLabels:
         else:
             result_type = "labels" if control.tag == "Labels" else control.tag.lower()
             drawn = view.region_controls(image)
-        return cls(control.name, image, label_set.labels, result_type, drawn, label_set.dynamic, mode_attr(control))
+        return cls(control.name, image, label_set.labels, result_type, drawn, label_set.dynamic, mode_attr(control),
+                   view_attr(control))  # fmt: skip
 
     def questions(self, task: TaskInput) -> list[Question]:
         mine = task.drawn_with(self.region_controls, self.image)
         if not mine:
             return []
         labels = task.labels_of(self.source)
-        return [Question(task.index, drawn.crop, drawn, labels) for drawn in mine]
+        in_context = (self.view or task.region_view) == "context"
+        return [Question(task.index, drawn.crop, drawn, labels, context=self._context(task, drawn) if in_context
+                         else None) for drawn in mine]  # fmt: skip
+
+    def _context(self, task: TaskInput, drawn: Drawn) -> Image.Image | None:
+        """The whole image (shrunk once per task) with the region's box outlined; a region on one image of a
+        multi-image task (``valueList``) keeps its crop."""
+        return outline_box(task.image(self.image), drawn.box) if drawn.box.item_index is None else None
 
     def answer(self, asking: Asking, questions: Sequence[Question]) -> list[Output | None]:
         cascaded = self._cascade(asking, questions)
@@ -70,7 +92,8 @@ class RegionLabels:
             outputs.append(Output(
                 question, self.control, self.image.name, self.result_type,
                 self.source.payload(self.result_type, choice.label),
-                predicted=(Predicted(choice.label, signals, from_classifier=index in cascaded),),
+                predicted=(Predicted(choice.label, signals, from_classifier=index in cascaded,
+                                     alternative=choice.runner_up),),  # fmt: skip
                 region_label=choice.label, out_of_set=choice.suggestion,
             ))  # fmt: skip
         return outputs
@@ -98,12 +121,15 @@ class RegionLabels:
 
 
 def _label(asking: Asking, questions: Sequence[Question], mode) -> list[Choice]:
-    """Each crop's label from its own label set (a set read from task data can differ between tasks)."""
+    """Each region's label from its own label set (a set read from task data can differ between tasks), asked
+    about its crop or, with mllmView="context", about the whole image with its box outlined. Open-world answers
+    name the crop: their question has no box to point at."""
     answers: dict[int, Choice] = {}
-    for labels in dict.fromkeys(q.labels for q in questions):
-        indices = [i for i, q in enumerate(questions) if q.labels == labels]
-        crops = [questions[i].image for i in indices]
-        chosen = choose_label(asking.engine, asking.prompts, "box_label", crops, labels, mode=mode,
+    for labels, has_context in dict.fromkeys((q.labels, q.context is not None) for q in questions):
+        indices = [i for i, q in enumerate(questions) if (q.labels, q.context is not None) == (labels, has_context)]
+        in_context = has_context and mode != "open-world"
+        shown = [questions[i].context if in_context else questions[i].image for i in indices]
+        chosen = choose_label(asking.engine, asking.prompts, TEMPLATES[in_context], shown, labels, mode=mode,
                               orders=asking.settings.option_orders, mapper=asking.mapper)  # fmt: skip
         answers.update(zip(indices, chosen, strict=True))
     return [answers[i] for i in range(len(questions))]

@@ -27,7 +27,7 @@ SCHEMA_VERSION = 1
 REPORT_SEED = 2500  # the report's default world: outside the shapes model's training seeds (0-999)
 REVIEW_SHARE = 0.2  # review_found_at_20, and the reviewed share of mllm_reviewed_20
 TEST_SHARE = 0.3  # the downstream classifier's frozen, human-labelled test split: the last 30 % of tasks
-CALIBRATION_SHARE = 0.3  # the most suspicious tasks a simulated reviewer corrects before calibration is judged
+CALIBRATION_SHARE = 0.3  # the review sample (expected share of tasks) corrected before calibration is judged
 PROJECT = "1.1700000000"
 Log = Callable[[str], None]
 
@@ -147,20 +147,74 @@ def _review_webhooks(client, world: World, kind: str, task_numbers: list[int]) -
             raise RuntimeError(f"/webhook answered {response.status_code}: {response.get_data(as_text=True)[:300]}")
 
 
+def _sample(task_scores: list[float], budget: float, seed: int = 0):
+    from backend.review_plan import plan_review
+
+    return plan_review(list(enumerate(task_scores, start=1)), budget=budget, seed=seed)
+
+
+def review_sample(task_scores: list[float], outcomes: list[list[tuple[float, bool]]], draws: int = 200) -> dict:
+    """The box-label accuracy estimated from a review sample of REVIEW_SHARE of the tasks (ACT's threshold rule,
+    floor 0.05, seed 0), with its 95 % interval, beside the truth; and over ``draws`` seeds, how often the interval
+    covers the truth and how far the plain mean of the reviewed labels (no weights) lies from it."""
+    from backend.review_plan import estimate_accuracy
+
+    truth = float(np.mean([ok for task in outcomes for _, ok in task]))
+
+    def drawn(seed: int):
+        plan = _sample(task_scores, REVIEW_SHARE, seed)
+        rows = [(i.task - 1, i.probability) for i in plan.inclusion if i.selected]
+        correct = [sum(ok for _, ok in outcomes[t]) for t, _ in rows]
+        labels = [len(outcomes[t]) for t, _ in rows]
+        return estimate_accuracy(correct=correct, labels=labels, probabilities=[p for _, p in rows]), correct, labels
+
+    first, _, _ = drawn(0)
+    covered, naive = [], []
+    for seed in range(draws):
+        estimate, correct, labels = drawn(seed)
+        covered.append(estimate.low is not None and estimate.low <= truth <= estimate.high)
+        naive.append(sum(correct) / max(1, sum(labels)) - truth)
+    return {
+        "review_estimate": {
+            "value": first.value,
+            "low": first.low,
+            "high": first.high,
+            "truth": truth,
+            "covered": bool(covered[0]),
+            "reviewed_tasks": first.reviewed_tasks,
+        },  # fmt: skip
+        "review_estimate_coverage": float(np.mean(covered)),
+        "review_estimate_unweighted_bias": float(np.mean(naive)),
+    }
+
+
 def calibration(client, engine, world: World, config: str, tasks: list[dict], raw: list[list[tuple[float, bool]]],
-                task_scores: list[float]) -> dict:  # fmt: skip
-    """ECE before and after the most suspicious CALIBRATION_SHARE of tasks are reviewed, on the labels not reviewed."""
-    order = list(np.argsort(task_scores, kind="stable"))
-    reviewed = {int(i) + 1 for i in order[: math.ceil(CALIBRATION_SHARE * len(order))]}
-    _review_webhooks(client, world, "boxes", sorted(reviewed))
+                task_scores: list[float], store: Path) -> dict:  # fmt: skip
+    """ECE before and after a review sample of CALIBRATION_SHARE of the tasks (a plan recorded in the backend's
+    store, reviewed through webhooks) calibrates the scores, on the labels not reviewed; and the same calibration
+    fitted offline with and without the sample's 1/π weights (the selection-bias correction)."""
+    from backend.annotate.suspicion import Calibrator
+    from backend.reviews import ReviewStore
+
+    plan = _sample(task_scores, CALIBRATION_SHARE)
+    ReviewStore(store).record_plan(int(PROJECT.split(".")[0]), plan)
+    drawn = {i.task: i.probability for i in plan.inclusion if i.selected}
+    _review_webhooks(client, world, "boxes", sorted(drawn))
     again = _box_outcomes(world, _predict(client, engine, config, tasks))
-    held = [i for i in range(len(tasks)) if i + 1 not in reviewed]
+    held = [i for i in range(len(tasks)) if i + 1 not in drawn]
     raw_pairs = [pair for i in held for pair in raw[i]]
     new_pairs = [pair for i in held for pair in again[i]]
+    fitted = [(score, ok, 1 / drawn[i + 1]) for i in range(len(tasks)) if i + 1 in drawn for score, ok in raw[i]]
+    offline = {}
+    for name, weights in (("weighted", [w for *_, w in fitted]), ("unweighted", None)):
+        calibrator = Calibrator().fit([s for s, _, _ in fitted], [ok for _, ok, _ in fitted], weights)
+        offline[name] = expected_calibration_error([calibrator(s) for s, _ in raw_pairs], [ok for _, ok in raw_pairs])
     return {
         "ece_raw": expected_calibration_error([s for s, _ in raw_pairs], [ok for _, ok in raw_pairs]),
         "ece_calibrated": expected_calibration_error([s for s, _ in new_pairs], [ok for _, ok in new_pairs]),
-        "reviewed_tasks": len(reviewed),
+        "ece_calibrated_unweighted": offline["unweighted"],
+        "ece_calibrated_weighted": offline["weighted"],
+        "reviewed_tasks": len(drawn),
         "reliability_raw": _bins(raw_pairs),
         "reliability_calibrated": _bins(new_pairs),
     }
@@ -235,26 +289,32 @@ def tag_methods(engine, world: World, images: list, settings, mapper) -> dict[st
     return table
 
 
-def downstream(shapes: list[_Shape], run: _Run, settings, tasks: int) -> dict[str, float]:
-    """Test accuracy of the downstream classifier (default backbone, default loss) by label source.
+REVIEW_BUDGETS = (0.1, 0.2, 0.5)  # review samples of the training tasks in the downstream table
 
-    One frozen, human-labelled test split (the last TEST_SHARE of tasks) for every source; trained on the rest
-    with the world's true labels (``human``), the backend's labels weighted by their scores (``mllm``), or the
-    backend's labels with the REVIEW_SHARE most suspicious training tasks corrected by a reviewer
-    (``mllm_reviewed_20``).
+
+def downstream(shapes: list[_Shape], run: _Run, settings, tasks: int) -> dict:
+    """Test accuracy of the downstream classifier (default backbone) by label source and loss, as ACT reports it.
+
+    One frozen, human-labelled test split (the last TEST_SHARE of tasks) for every source. Trained on the rest
+    with the world's true labels (``human``), the backend's labels (``mllm``), or the backend's labels with a
+    review sample of k % of the training tasks corrected by a reviewer (``mllm_reviewed_k``, ACT's threshold
+    rule with the 0.05 floor, so every π is known), each with every loss (training/classifier.py). On human
+    labels the losses coincide (every weight 1, nothing to correct), as do ``act`` and ``plain`` on unreviewed
+    MLLM labels, so those are trained once.
     """
     import torch
 
+    from backend.review_plan import plan_review
+    from backend.training import TRAINING_LOSSES
     from backend.training.backbone import classifier_backbone
-    from backend.training.classifier import Classifier, TrainingData
+    from backend.training.classifier import Classifier, TrainingConfig, TrainingData
     from backend.training.run import training_config
 
     backbone = classifier_backbone(configured=settings.classifier_backbone, serving_model=settings.mllm_model,
                                    model_dir=settings.model_dir)  # fmt: skip
     split = tasks - math.ceil(TEST_SHARE * tasks)
-    train_scores = [float(p["score"]) for p in run.predictions[:split]]
-    reviewed = {int(i) for i in np.argsort(train_scores, kind="stable")[: math.ceil(REVIEW_SHARE * split)]}
-    rows: dict[str, list] = {"crops": [], "truth": [], "predicted": [], "score": [], "task": [], "reviewed": []}
+    train_scores = [(number, float(p["score"])) for number, p in enumerate(run.predictions[:split])]
+    rows: dict[str, list] = {"crops": [], "truth": [], "predicted": [], "score": [], "task": []}
     for item in shapes:
         region = next(r for r in run.predictions[item.task].get("result", []) if r.get("id") == item.shape.id
                       and r.get("type") == "rectanglelabels")  # fmt: skip
@@ -263,26 +323,48 @@ def downstream(shapes: list[_Shape], run: _Run, settings, tasks: int) -> dict[st
         rows["predicted"].append(CLASSES.index(region["value"]["rectanglelabels"][0]))
         rows["score"].append(float(region["score"]))
         rows["task"].append(item.task)
-        rows["reviewed"].append(item.task in reviewed)
     arrays = {k: np.asarray(v) for k, v in rows.items() if k != "crops"}
     train, test = np.flatnonzero(arrays["task"] < split), np.flatnonzero(arrays["task"] >= split)
-    human = np.ones(len(train), dtype=bool)
-    sources = {
-        "human": (arrays["truth"][train], np.ones(len(train)), human),
-        "mllm": (arrays["predicted"][train], arrays["score"][train], ~human),
-        "mllm_reviewed_20": (np.where(arrays["reviewed"][train], arrays["truth"][train], arrays["predicted"][train]),
-                             np.where(arrays["reviewed"][train], 1.0, arrays["score"][train]),
-                             arrays["reviewed"][train]),
-    }  # fmt: skip
-    results = {}
-    for source, (targets, weights, was_reviewed) in sources.items():
-        torch.manual_seed(0)  # the same initial head for every source: only the labels differ
+    truth, machine, task = arrays["truth"][train], arrays["predicted"][train], arrays["task"][train]
+    images = [rows["crops"][i] for i in train]
+    data = {
+        "human": TrainingData(images, truth, np.ones(len(train)), task, np.ones(len(train), bool)),
+        "mllm": TrainingData(images, machine, arrays["score"][train], task, np.zeros(len(train), bool), machine),
+    }
+    spent = {"human": 1.0, "mllm": 0.0}
+    for budget in REVIEW_BUDGETS:
+        plan = plan_review(train_scores, budget=budget)
+        pi = {i.task: i.probability for i in plan.inclusion if i.selected}
+        reviewed = np.array([t in pi for t in task])
+        name = f"mllm_reviewed_{round(budget * 100)}"
+        data[name] = TrainingData(images, np.where(reviewed, truth, machine), np.where(reviewed, 1.0,
+                                  arrays["score"][train]), task, reviewed, machine,
+                                  np.array([pi.get(t, 1.0) for t in task]))  # fmt: skip
+        spent[name] = plan.review / max(1, split)
+    base = training_config(settings)
+
+    def accuracy(source: str, loss: str) -> float:
+        torch.manual_seed(0)  # the same initial head for every source and loss: only the labels differ
         classifier = Classifier.build(backbone, CLASSES, multi_label=False)
-        data = TrainingData([rows["crops"][i] for i in train], targets, weights, arrays["task"][train], was_reviewed)
-        classifier.fit(data, training_config(settings))
+        classifier.fit(data[source], TrainingConfig(**{**base.__dict__, "loss": loss}))
         predicted = classifier.predict_proba([rows["crops"][i] for i in test]).argmax(axis=1)
-        results[source] = float((predicted == arrays["truth"][test]).mean())
-    return results
+        return float((predicted == arrays["truth"][test]).mean())
+
+    human = accuracy("human", "plain")
+    table: dict[str, dict[str, float]] = {loss: {"human": human} for loss in TRAINING_LOSSES}
+    plain_mllm = accuracy("mllm", "plain")
+    for loss in TRAINING_LOSSES:
+        table[loss]["mllm"] = plain_mllm if loss in {"plain", "act"} else accuracy("mllm", loss)
+        for source in data:
+            if source.startswith("mllm_reviewed"):
+                table[loss][source] = accuracy(source, loss)
+    default = table[settings.training_loss]
+    return {
+        "downstream": default,
+        "downstream_by_loss": table,
+        "downstream_gap": {source: human - value for source, value in default.items()},
+        "downstream_reviews_spent": spent,
+    }
 
 
 def attributes(client, engine, world: World, images: list, settings) -> dict:
@@ -372,6 +454,39 @@ def label_modes(engine, shapes: list[_Shape], settings, mapper) -> dict[str, dic
     return table
 
 
+SMALL_SHARE = 0.25  # region_views' "small": the smallest quarter of the world's boxes by area
+
+
+def region_views(engine, world: World, images: list[Image.Image], shapes: list[_Shape], settings) -> dict[str, dict]:
+    """Box labels asked about the crop (``REGION_VIEW=crop``) and about the whole image with the box outlined
+    (``context``), on the same boxes: accuracy, error AUROC, and accuracy on the smallest quarter of boxes (where
+    a crop has the least to show) and on the rest."""
+    from backend.annotate.choice import choose_label
+    from backend.prompts import PromptBook
+    from backend.shapes.questions import in_context
+
+    book = PromptBook(settings.prompts_dir)
+    truth = [item.shape.cls for item in shapes]
+    areas = np.array([item.shape.width * item.shape.height for item in shapes])
+    small = areas <= np.quantile(areas, SMALL_SHARE) if len(areas) else areas.astype(bool)
+    shown = {
+        "crop": ("box_label", [item.crop for item in shapes]),
+        "context": ("box_context_label", [in_context(images[item.task], world.scenes[item.task], item.shape)
+                                          for item in shapes]),
+    }  # fmt: skip
+    table: dict[str, dict] = {}
+    for view, (template, pictures) in shown.items():
+        chosen = choose_label(engine, book, template, pictures, CLASSES)
+        right = np.array([c.label == t for c, t in zip(chosen, truth, strict=True)])
+        table[view] = {
+            "accuracy": float(right.mean()) if len(right) else None,
+            "error_auroc": auroc([-c.probability for c in chosen], list(~right)),
+            "accuracy_small": float(right[small].mean()) if small.any() else None,
+            "accuracy_rest": float(right[~small].mean()) if (~small).any() else None,
+        }
+    return table
+
+
 def prompt_edit(engine, shapes: list[_Shape]) -> float:
     """Box accuracy when the box question is a paraphrase the shapes model never saw (a user's reasonable edit)."""
     from backend.annotate.choice import choose
@@ -442,17 +557,18 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = prin
     )  # NaN when no task holds a wrong label
     report["calls_per_image"] = run.forward_passes / max(1, tasks)
     report["tokens_per_box"] = run.tokens / max(1, boxes)
-    report.update(calibration(client, engine, world, config, sent, outcomes, task_scores))
+    report.update(review_sample(task_scores, outcomes))
+    report.update(calibration(client, engine, world, config, sent, outcomes, task_scores,
+                              out / "state" / "reviews.sqlite3"))  # fmt: skip
     report["box_accuracy_prompt_edit"] = prompt_edit(engine, shapes)
     mapper = _mapper(settings)  # one text encoder, loaded once, for every free answer below
     report["fine_names"] = fine_names(engine, shapes, run, settings, mapper)
     report["label_modes"] = label_modes(engine, shapes, settings, mapper)
+    report["region_views"] = region_views(engine, world, images, shapes, settings)
     report["region_accuracy"] = region_accuracy(client, engine, world)
     report.update(tags(client, engine, world, images, settings, mapper))
     report["attributes"] = attributes(client, engine, world, images, settings)
-    report["downstream"] = downstream(shapes, run, settings, tasks)
-    report["downstream_reviews_spent"] = REVIEW_SHARE
-    report["downstream_by_loss"] = None  # other losses (ACT's corrected loss) come with the critic's rebuild
+    report.update(downstream(shapes, run, settings, tasks))
     report = _finite(report)
     write(report, out)
     return report
@@ -492,10 +608,11 @@ def _fmt(value: object) -> str:
 KEYS = (
     "box_accuracy", "box_accuracy_prompt_edit", "region_accuracy", "task_auroc", "region_auroc",
     "task_auroc_confidence", "critic_auroc_gain", "review_found_at_20", "review_found_at_20_random",
-    "review_found_at_20_confidence",
-    "ece_raw", "ece_calibrated", "tag_micro_f1", "tag_macro_f1", "tag_precision", "tag_recall", "tag_map",
+    "review_found_at_20_confidence", "ece_raw", "ece_calibrated", "ece_calibrated_unweighted",
+    "ece_calibrated_weighted", "review_estimate", "review_estimate_coverage", "review_estimate_unweighted_bias",
+    "tag_micro_f1", "tag_macro_f1", "tag_precision", "tag_recall", "tag_map",
     "tag_candidate_recall", "tag_candidates_per_image", "tag_questions_per_image", "calls_per_image",
-    "tokens_per_box", "fine_names", "attributes", "downstream",
+    "tokens_per_box", "fine_names", "attributes", "downstream", "downstream_gap",
 )  # fmt: skip
 
 
@@ -510,6 +627,24 @@ def summary(report: dict) -> str:
                   "| mode | accuracy | error AUROC | out of set |", "| --- | --- | --- | --- |"]  # fmt: skip
         lines += [f"| {name} | {_fmt(row['accuracy'])} | {_fmt(row['error_auroc'])} | {_fmt(row['out_of_set'])} |"
                   for name, row in modes.items()]  # fmt: skip
+    by_loss = report.get("downstream_by_loss") or {}
+    if by_loss:
+        losses, spent = list(by_loss), report.get("downstream_reviews_spent") or {}
+        lines += [
+            "",
+            "Downstream test accuracy by label source and loss (frozen human-labelled test split):",
+            "",
+            "| source | " + " | ".join(losses) + " | tasks reviewed |",
+            "| --- |" + " --- |" * (len(losses) + 1),
+        ]
+        lines += [f"| {source} | " + " | ".join(_fmt(by_loss[loss].get(source)) for loss in losses)
+                  + f" | {_fmt(spent.get(source))} |" for source in by_loss[losses[0]]]  # fmt: skip
+    views = report.get("region_views") or {}
+    if views:
+        columns = ("accuracy", "error_auroc", "accuracy_small", "accuracy_rest")
+        lines += ["", f"Box labels by what the question shows (small: the smallest {SMALL_SHARE:.0%} of boxes):", "",
+                  "| view | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]  # fmt: skip
+        lines += [f"| {name} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for name, row in views.items()]
     methods = report.get("tag_methods") or {}
     if methods:
         columns = ("recall", "precision", "f1", "map", "candidate_recall", "candidates_per_image",

@@ -35,6 +35,7 @@ TEXT_TASK_ATTR = "mllmTask"  # on a <TextArea>: "name", "read", "caption" or "an
 THRESHOLD_ATTR = "mllmThreshold"  # P(yes) a multiple-choice tag needs to be kept
 CANDIDATE_ATTR = "mllmCandidateThreshold"  # group-stage probability a label needs to become a candidate
 GROUP_SIZE_ATTR = "mllmGroupSize"  # labels per group-wise question
+VIEW_ATTR = "mllmView"  # what a region's label question shows: "crop" or "context" (regions.REGION_VIEWS)
 MODE_ATTR = "mllmMode"  # how a label is asked: "closed", "multiple-choice" or "open-world" (annotate/choice.py)
 ATTRIBUTE_ATTR = "mllmAttribute"  # on a yes/no <Choices>: the attribute's name, when the control's name is not it
 YES_NO = ("yes", "no")  # a single <Choices> with exactly these choices (any case) is a binary attribute
@@ -179,6 +180,19 @@ def number_attr(control, name: str, low: float, high: float, integer: bool = Fal
             f'<{control.tag} name="{control.name}"> has {name}="{raw}"; set it to {kind} from {low:g} to {high:g}'
         )
     return value
+
+
+def view_attr(control) -> str | None:
+    """A region label control's ``mllmView`` (None when absent: the REGION_VIEW setting decides)."""
+    from backend.labelstudio.regions import REGION_VIEWS
+
+    raw = control.attr.get(VIEW_ATTR)
+    if raw is None:
+        return None
+    if raw not in REGION_VIEWS:
+        raise UnsupportedConfig(f'<{control.tag} name="{control.name}"> has {VIEW_ATTR}="{raw}"; set it to '
+                                f"{', '.join(REGION_VIEWS)}")  # fmt: skip
+    return raw
 
 
 def mode_attr(control) -> str | None:

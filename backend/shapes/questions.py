@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from backend.labelstudio.regions import Box, box_from_region, crop_box
+from backend.annotate.critic import NO_ALTERNATIVE, NO_ALTERNATIVE_MEANS
+from backend.labelstudio.regions import Box, box_from_region, crop_box, outline_box
 from backend.prompts import LETTERS, PromptBook, format_labels, lettered_question
 from backend.settings import PACKAGE_PROMPTS
 from backend.shapes.world import ATTRIBUTES, CLASSES, DEFINITIONS, GROUPS, REGION_KINDS, Scene, Shape
@@ -32,9 +33,16 @@ PARAPHRASES: dict[str, tuple[str, ...]] = {
         "Pick the label that fits the object in this image best.\nOptions:\n{labels}",
         "Classify the object in the image. Possible labels:\n{labels}\nGive one label from the list.",
     ),
-    "critic": (
-        'Someone tagged this picture as "{label}" ({definition}). Is that right? Answer yes or no.',
-        'Is "{label}" the correct label for this image? Here "{label}" means {definition}. Answer yes or no.',
+    "box_context_label": (  # the whole image with the region's box drawn in red
+        "What is the object in the red box? Choose one of these labels:\n{labels}\nReply with the label only.",
+        "Look at the shape inside the red frame. Which label fits it?\n{labels}\nGive one label from the list.",
+        "Classify the object marked by the red box. Possible labels:\n{labels}\nAnswer with one label.",
+    ),
+    "critic": (  # find the error, against the runner-up ("yes": the label is wrong)
+        'This image was labelled "{label}" ({definition}); the runner-up was "{alternative}" '
+        "({alternative_definition}). Is the label a mistake? Answer yes or no.",
+        'Label: "{label}", meaning {definition}. Closest other label: "{alternative}", meaning '
+        "{alternative_definition}. Is the label wrong for this picture? Answer yes or no.",
     ),
     "box_fine_label": (  # without the box's label (the shipped prompt is the first phrasing)
         "What exactly is this object? Give a precise name, then its category in parentheses.",
@@ -58,6 +66,12 @@ PARAPHRASES: dict[str, tuple[str, ...]] = {
 }
 # Asked by the coming methods (several labels at once, error-finding critics, binary disambiguation).
 EXTRA: dict[str, tuple[str, ...]] = {
+    "critic_correct": (  # the critic's question before it looked for the error against the runner-up
+        'An annotator labelled this image "{label}". In this task, "{label}" means: {definition}.\n'
+        "Look carefully. Is that label correct for this image? Answer yes or no.",
+        'Someone tagged this picture as "{label}" ({definition}). Is that right? Answer yes or no.',
+        'Is "{label}" the correct label for this image? Here "{label}" means {definition}. Answer yes or no.',
+    ),
     "tag_most_visible": (  # the candidate question before it asked for every label present
         "Which of these objects or concepts can be seen in this image?\n{labels}\n"
         'Answer with the one that is most clearly visible, or "none of these".',
@@ -80,12 +94,14 @@ EXTRA: dict[str, tuple[str, ...]] = {
         "Give a precise name for this {label}, then its general category in parentheses. Name only.",
     ),
 }
+REGION_KINDS_ASKED = {"box_label", "box_context_label", "critic", "critic_correct", "label_wrong", "x_or_y",
+                      "box_fine_label", "fine_labelled"}  # fmt: skip  # asked about one region
 LETTERED = {"box_lettered": "box_label", "image_lettered": "image_choice"}  # a label question, asked with letters
 MIX = {  # share of each question kind in training
-    "box_label": 0.26, "critic": 0.10, "label_wrong": 0.04, "x_or_y": 0.05, "fine_labelled": 0.05,
-    "box_fine_label": 0.08, "image_choice": 0.06, "tag_most_visible": 0.04, "tag_candidates": 0.12,
-    "tag_confirm": 0.16, "attribute": 0.06, "box_lettered": 0.05, "image_lettered": 0.02,
-}  # fmt: skip
+    "box_label": 0.26, "box_context_label": 0.04, "critic": 0.12, "label_wrong": 0.03, "x_or_y": 0.04,
+    "fine_labelled": 0.03, "box_fine_label": 0.08, "image_choice": 0.06, "tag_most_visible": 0.02,
+    "tag_candidates": 0.12, "tag_confirm": 0.14, "attribute": 0.06, "box_lettered": 0.04, "image_lettered": 0.02,
+}  # fmt: skip  # no "critic_correct": its opening is the critic's, its answer the opposite, and both went unlearnt
 
 
 @dataclass(frozen=True)
@@ -131,23 +147,32 @@ def _wrong_label(rng: np.random.Generator, truth: str) -> str:
 
 
 def crop_of(image: Image.Image, scene: Scene, shape: Shape) -> Image.Image:
-    box = Box(shape.id, "label", "image", shape.x, shape.y, shape.width, shape.height, shape.rotation)
-    return crop_box(image, box, 0.0, BOX_MIN_SIDE)
+    return region_crop(image, scene, shape)
 
 
 REGION_STYLES = ("box", "polygons", "ellipses", "keypoints", "masks")
 REGION_STYLE_SHARES = (0.6, 0.12, 0.08, 0.1, 0.1)  # how a person drew the region a crop question is about
 
 
-def region_crop(image: Image.Image, scene: Scene, shape: Shape, style: str = "box") -> Image.Image:
-    """The crop the backend makes of ``shape`` drawn as ``style``: an upright box cut, or a polygon's, ellipse's,
-    keypoint's or mask's extent (a rotated shape stays rotated in it), read by the backend's own region code."""
+def region_box(scene: Scene, shape: Shape, style: str = "box") -> Box:
+    """The box the backend reads from ``shape`` drawn as ``style``: an upright box, or a polygon's, ellipse's,
+    keypoint's or mask's extent (a rotated shape stays rotated in it), by the backend's own region code."""
     if style == "box":
-        return crop_of(image, scene, shape)
+        return Box(shape.id, "label", "image", shape.x, shape.y, shape.width, shape.height, shape.rotation)
     tag, value = REGION_KINDS[style]
     region = {"id": shape.id, "type": tag.lower(), "original_width": scene.width, "original_height": scene.height,
               "value": value(shape, scene.width, scene.height)}  # fmt: skip
-    return crop_box(image, box_from_region(region), 0.0, BOX_MIN_SIDE)
+    return box_from_region(region)
+
+
+def region_crop(image: Image.Image, scene: Scene, shape: Shape, style: str = "box") -> Image.Image:
+    """The crop the backend makes of ``shape`` drawn as ``style``."""
+    return crop_box(image, region_box(scene, shape, style), 0.0, BOX_MIN_SIDE)
+
+
+def in_context(image: Image.Image, scene: Scene, shape: Shape, style: str = "box") -> Image.Image:
+    """The whole image with ``shape``'s region drawn on it, as the backend shows it with mllmView="context"."""
+    return outline_box(image, region_box(scene, shape, style))
 
 
 def _group(rng: np.random.Generator, scene: Scene) -> list[str]:
@@ -177,16 +202,28 @@ def example(
     template = str(rng.choice(templates))
     text_first = bool(rng.random() < 0.15)
     shape = scene.shapes[int(rng.integers(len(scene.shapes)))]
-    if kind in {"box_label", "critic", "label_wrong", "x_or_y", "box_fine_label", "fine_labelled"}:
+    if kind in REGION_KINDS_ASKED:
         style = REGION_STYLES[int(rng.choice(len(REGION_STYLES), p=REGION_STYLE_SHARES))]
-        crop, truth = region_crop(image, scene, shape, style), shape.cls
+        truth = shape.cls
+        if kind == "box_context_label":
+            shown = in_context(image, scene, shape, style)
+            return Example(shown, _fill(template, labels=format_labels(_label_list(rng, truth))), truth, text_first)
+        crop = region_crop(image, scene, shape, style)
         if kind == "box_label":
             return Example(crop, _fill(template, labels=format_labels(_label_list(rng, truth))), truth, text_first)
-        if kind in {"critic", "label_wrong"}:
+        if kind in {"critic", "critic_correct", "label_wrong"}:
             right = rng.random() < 0.5
             label = truth if right else _wrong_label(rng, truth)
-            answer = (YES if right else NO) if kind == "critic" else (NO if right else YES)
-            return Example(crop, _fill(template, label=label, definition=_definition(rng, label)), answer, text_first)
+            answer = (YES if right else NO) if kind == "critic_correct" else (NO if right else YES)
+            fields = {"label": label, "definition": _definition(rng, label)}
+            if kind == "critic":  # the runner-up: often the truth when the label is wrong
+                alternative = _wrong_label(rng, truth) if right or rng.random() < 0.3 else truth
+                alternative = alternative if alternative != label else _wrong_label(rng, label)
+                if rng.random() < 0.05:  # a label set of one label has no runner-up
+                    alternative = NO_ALTERNATIVE
+                definition = NO_ALTERNATIVE_MEANS if alternative == NO_ALTERNATIVE else _definition(rng, alternative)
+                fields.update(alternative=alternative, alternative_definition=definition)
+            return Example(crop, _fill(template, **fields), answer, text_first)
         if kind == "x_or_y":
             a, b = _shuffled(rng, [truth, _wrong_label(rng, truth)])
             return Example(crop, _fill(template, a=a, b=b), truth, text_first)

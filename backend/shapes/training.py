@@ -175,7 +175,7 @@ def pretrain_vision(model, processor, scenes, *, steps: int, seed: int, log: Log
 
 
 def train_shapes_model(
-    out: Path, *, steps: int = 3000, vision_steps: int = 2500, batch_size: int = 32, learning_rate: float = 1e-3,
+    out: Path, *, steps: int = 3500, vision_steps: int = 2500, batch_size: int = 32, learning_rate: float = 1e-3,
     seed: int = 0, seeds: tuple[int, ...] = TRAINING_SEEDS, scene_seeds: tuple[int, ...] = SCENE_SEEDS,
     log: Log = print,
 ) -> dict:  # fmt: skip
