@@ -17,6 +17,7 @@ from backend.training.classifier import (
     TrainingConfig,
     TrainingData,
     act_loss,
+    frozen_test_split,
     split_by_task,
     weighted_loss,
 )
@@ -124,6 +125,22 @@ def test_acts_loss_learns_from_a_sampled_review_what_the_plain_loss_gets_wrong(b
         accuracy[loss] = accuracy_on_fresh_images(classifier)
     assert accuracy["act"] > 0.85, accuracy
     assert accuracy["act"] - accuracy["plain"] > 0.15, accuracy
+
+
+def test_the_frozen_test_split_holds_human_labels_only_and_stays_put_as_the_project_grows(backbone):
+    tasks, reviewed = np.arange(1, 5001), np.arange(1, 5001) % 2 == 0
+    split = frozen_test_split(tasks, reviewed)
+    assert not split[~reviewed].any() and abs(split[reviewed].mean() - 0.2) < 0.03
+    grown = frozen_test_split(np.arange(1, 8001), np.arange(1, 8001) % 2 == 0)
+    assert (grown[:5000] == split).all()  # a task's side never changes
+    rng = np.random.default_rng(2)
+    truth = np.arange(60) % 3
+    held = frozen_test_split(np.arange(60), np.ones(60, bool))
+    data = TrainingData([colour_image(LABELS[t], rng) for t in truth], truth, np.ones(60, np.float32), np.arange(60),
+                        np.ones(60, bool), test=held)  # fmt: skip
+    metrics = Classifier.build(backbone, LABELS, multi_label=False).fit(data, TrainingConfig(epochs=1))
+    assert metrics["validation_split"] == "frozen human test split"
+    assert metrics["validation_items"] == held.sum() and metrics["train_items"] == 60 - held.sum()
 
 
 def test_multi_label_head_trains_on_tags(backbone):

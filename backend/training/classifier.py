@@ -17,6 +17,7 @@ chosen by name (``TrainingConfig.loss``, the ``TRAINING_LOSS`` setting):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -51,6 +52,23 @@ class TrainingData:
     reviewed: np.ndarray  # (n,) bool
     machine_targets: np.ndarray | None = None  # the MLLM's label per item, like ``targets`` (None: the same)
     inclusion: np.ndarray | None = None  # (n,) π: the chance the item's task was drawn for review (None: all 1)
+    test: np.ndarray | None = None  # (n,) bool: the project's frozen human-labelled test split (never trained on)
+
+
+MIN_TEST = 2  # fewer frozen test items than this: validate on a random split instead
+TEST_FRACTION = 0.2  # of a project's human-labelled tasks, frozen as its test split
+
+
+def frozen_test_split(tasks: np.ndarray, reviewed: np.ndarray, fraction: float = TEST_FRACTION) -> np.ndarray:
+    """Which items belong to the project's frozen test split: human-labelled items of the tasks whose id hashes
+    into ``fraction``. A task's place depends on its id alone, so the split stays put as the project grows and
+    every version, whatever its labels came from, is tested on the same human labels."""
+
+    def held(task: int) -> bool:
+        digest = hashlib.sha256(f"test-split:{int(task)}".encode()).digest()
+        return int.from_bytes(digest[:4], "big") < fraction * 2**32
+
+    return np.array([bool(r) and held(t) for t, r in zip(tasks, reviewed, strict=True)], dtype=bool)
 
 
 def split_by_task(tasks: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +146,13 @@ class Classifier:
         return np.concatenate(out) if out else np.empty((0, len(self.labels)))
 
     def fit(self, data: TrainingData, config: TrainingConfig, progress: Callable[[float], None] | None = None) -> dict:
-        train, validation = split_by_task(data.tasks, config.validation_fraction, config.seed)
+        """Train on every item but the validation ones: the frozen human test split when ``data.test`` holds at
+        least MIN_TEST items, else a random split by task."""
+        frozen = data.test is not None and int(data.test.sum()) >= MIN_TEST
+        if frozen:
+            train, validation = np.flatnonzero(~data.test), np.flatnonzero(data.test)
+        else:
+            train, validation = split_by_task(data.tasks, config.validation_fraction, config.seed)
         torch.manual_seed(config.seed)
         pixels = self._pixels(data.images)
         if config.loss not in TRAINING_LOSSES:
@@ -148,7 +172,8 @@ class Classifier:
             if progress is not None:
                 progress((epoch + 1) / config.epochs)
         metrics = self._metrics(data, validation)
-        metrics.update(train_items=int(len(train)), validation_items=int(len(validation)), config=asdict(config))
+        metrics.update(train_items=int(len(train)), validation_items=int(len(validation)), config=asdict(config),
+                       validation_split="frozen human test split" if frozen else "random by task")  # fmt: skip
         return metrics
 
     def _loss(self, data: TrainingData, name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

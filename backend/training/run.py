@@ -24,7 +24,7 @@ from backend.labelstudio.media import MediaError
 from backend.labelstudio.regions import RegionError, crop_box
 from backend.settings import Settings
 from backend.training.backbone import classifier_backbone
-from backend.training.classifier import Classifier, TrainingConfig, TrainingData
+from backend.training.classifier import Classifier, TrainingConfig, TrainingData, frozen_test_split
 from backend.training.versions import ClassifierVersions
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def build_data(
         reviewed=np.array([item.reviewed for item in kept], dtype=bool),
         machine_targets=machine,
         inclusion=np.array([(inclusion or {}).get(item.task, 1.0) for item in kept], dtype=np.float32),
+        test=frozen_test_split(np.array([item.task for item in kept]), np.array([item.reviewed for item in kept])),
     )
 
 
