@@ -68,9 +68,15 @@ def free_corner(result: list[dict]) -> tuple[float, float, float, float]:
 
     The top-left corner comes last: in Label Studio 1.23.2's editor a drag that starts there draws no region
     (measured in this test once the most suspicious task had only that corner free)."""
+    from backend.labelstudio.regions import box_from_region, pixel_corners
+
+    extents = []  # each box's extent in percent, rotated boxes by their corners (their x, y is one corner only)
+    for region in result:
+        corners = pixel_corners(box_from_region(region), 100, 100)
+        xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+        extents.append((min(xs), min(ys), max(xs), max(ys)))
     for x, y in ((78, 78), (78, 2), (2, 78), (40, 2), (2, 40), (2, 2)):
-        if all(r["value"]["x"] > x + 20 or r["value"]["x"] + r["value"]["width"] < x
-               or r["value"]["y"] > y + 20 or r["value"]["y"] + r["value"]["height"] < y for r in result):  # fmt: skip
+        if all(left > x + 20 or right < x or top > y + 20 or bottom < y for left, top, right, bottom in extents):
             return x, y, x + 20, y + 20
     raise AssertionError("no free corner on this task")
 

@@ -166,8 +166,8 @@ def test_review_plan_draws_a_sample_records_it_and_saves_its_tab(client, stack, 
     run_review_plan(settings, boxes_project["id"], budget=0.5, target=None, create_view=True)
     plan = json.loads(capsys.readouterr().out)
     assert plan["model_version"] == backend_version(stack) and plan["plan_id"] == 1 and plan["rule"] == "threshold"
-    assert plan["tasks"] == len(boxes_project["tasks"]) and plan["expected_review"] == pytest.approx(
-        0.5 * plan["tasks"], abs=1e-3)  # fmt: skip
+    # the threshold rule takes whole tasks for sure: the expected sample reaches the budget by less than one task
+    assert plan["tasks"] == len(boxes_project["tasks"]) and 0 <= plan["expected_review"] - 0.5 * plan["tasks"] < 1
     views = {v.id: v for v in client.views.list(project=boxes_project["id"])}
     assert views[plan["view_id"]].data["ordering"] == ["tasks:predictions_score"]
     sample = views[plan["sample_view_id"]].data
