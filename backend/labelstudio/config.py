@@ -186,25 +186,22 @@ def view_attr(control) -> str | None:
     """A region label control's ``mllmView`` (None when absent: the REGION_VIEW setting decides)."""
     from backend.labelstudio.regions import REGION_VIEWS
 
-    raw = control.attr.get(VIEW_ATTR)
-    if raw is None:
-        return None
-    if raw not in REGION_VIEWS:
-        raise UnsupportedConfig(f'<{control.tag} name="{control.name}"> has {VIEW_ATTR}="{raw}"; set it to '
-                                f"{', '.join(REGION_VIEWS)}")  # fmt: skip
-    return raw
+    return _one_of(control, VIEW_ATTR, REGION_VIEWS)
 
 
 def mode_attr(control) -> str | None:
     """A label control's ``mllmMode`` (None when absent: the LABEL_MODE setting decides)."""
     from backend.annotate.choice import LABEL_MODES
 
-    raw = control.attr.get(MODE_ATTR)
-    if raw is None:
-        return None
-    if raw not in LABEL_MODES:
-        raise UnsupportedConfig(f'<{control.tag} name="{control.name}"> has {MODE_ATTR}="{raw}"; set it to '
-                                f"{', '.join(LABEL_MODES)}")  # fmt: skip
+    return _one_of(control, MODE_ATTR, LABEL_MODES)
+
+
+def _one_of(control, name: str, allowed: tuple[str, ...]) -> str | None:
+    """The control's attribute ``name``, None when absent, refused unless it is one of ``allowed``."""
+    raw = control.attr.get(name)
+    if raw is not None and raw not in allowed:
+        raise UnsupportedConfig(f'<{control.tag} name="{control.name}"> has {name}="{raw}"; set it to '
+                                f"{', '.join(allowed)}")  # fmt: skip
     return raw
 
 
