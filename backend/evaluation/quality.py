@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -168,12 +168,13 @@ def review_sample(task_scores: list[float], outcomes: list[list[tuple[float, boo
         labels = [len(outcomes[t]) for t, _ in rows]
         return estimate_accuracy(correct=correct, labels=labels, probabilities=[p for _, p in rows]), correct, labels
 
-    first, _, _ = drawn(0)
-    covered, naive = [], []
+    covered, naive, estimates = [], [], []
     for seed in range(draws):
         estimate, correct, labels = drawn(seed)
+        estimates.append(estimate)
         covered.append(estimate.low is not None and estimate.low <= truth <= estimate.high)
         naive.append(sum(correct) / max(1, sum(labels)) - truth)
+    first = estimates[0]  # the draw with seed 0, as `mllm-backend review-plan` makes by default
     return {
         "review_estimate": {
             "value": first.value,
@@ -307,7 +308,7 @@ def downstream(shapes: list[_Shape], run: _Run, settings, tasks: int) -> dict:
     from backend.review_plan import plan_review
     from backend.training import TRAINING_LOSSES
     from backend.training.backbone import classifier_backbone
-    from backend.training.classifier import Classifier, TrainingConfig, TrainingData
+    from backend.training.classifier import Classifier, TrainingData
     from backend.training.run import training_config
 
     backbone = classifier_backbone(configured=settings.classifier_backbone, serving_model=settings.mllm_model,
@@ -346,7 +347,7 @@ def downstream(shapes: list[_Shape], run: _Run, settings, tasks: int) -> dict:
     def accuracy(source: str, loss: str) -> float:
         torch.manual_seed(0)  # the same initial head for every source and loss: only the labels differ
         classifier = Classifier.build(backbone, CLASSES, multi_label=False)
-        classifier.fit(data[source], TrainingConfig(**{**base.__dict__, "loss": loss}))
+        classifier.fit(data[source], replace(base, loss=loss))
         predicted = classifier.predict_proba([rows["crops"][i] for i in test]).argmax(axis=1)
         return float((predicted == arrays["truth"][test]).mean())
 
