@@ -85,6 +85,7 @@ def test_a_batch_of_crops_equals_each_crop_alone(summing_engine):
 
 def test_prefix_kv_runs_the_prefix_once_per_image_chunk(llava_engine):
     llava_engine.prefix_cache, llava_engine.batch_size = True, 8
+    llava_engine.shares_images = False
     llava_engine.forward_passes = 0
     llava_engine.score_options(images(8), PROMPT, LABELS)
     assert llava_engine.forward_passes == 2  # one prefix forward, one forward for every option row
@@ -92,7 +93,41 @@ def test_prefix_kv_runs_the_prefix_once_per_image_chunk(llava_engine):
     llava_engine.forward_passes = 0
     llava_engine.score_options(images(8), PROMPT, LABELS)
     assert llava_engine.forward_passes == 8 * len(LABELS) // 8
-    llava_engine.prefix_cache = True
+    llava_engine.prefix_cache, llava_engine.shares_images = True, True
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_llava", "tiny_idefics3"])
+def test_a_second_question_about_a_crop_reuses_its_vision_pass(checkpoint, request):
+    engine = TransformersEngine.load(str(request.getfixturevalue(checkpoint)), "cpu", batch_size=8)
+    unshared = TransformersEngine(engine.model, engine.processor, "unshared", batch_size=8, image_cache_mb=0)
+    crops, critic = images(6, seed=21), "Is the label wrong? Answer yes or no."
+    assert engine.shares_images and not unshared.shares_images
+    first = engine.score_options(crops, PROMPT, LABELS)
+    assert engine.vision_passes == 6 and len(engine.image_prefixes) == 6
+    second = engine.score_options(crops[::-1], critic, ["yes", "no"])
+    assert engine.vision_passes == 6  # the critic's question ran on the stored prefixes
+    np.testing.assert_allclose(first.logprobs, unshared.score_options(crops, PROMPT, LABELS).logprobs, atol=1e-4)
+    np.testing.assert_allclose(
+        second.logprobs, unshared.score_options(crops[::-1], critic, ["yes", "no"]).logprobs, atol=1e-4
+    )
+    assert unshared.vision_passes == 12
+    assert engine.prefill_tokens < unshared.prefill_tokens
+
+
+def test_the_image_prefix_store_keeps_to_its_budget(tiny_llava):
+    engine = TransformersEngine.load(str(tiny_llava), "cpu", batch_size=8)
+    engine.score_options(images(2, seed=5), PROMPT, LABELS)
+    row_bytes = engine.image_prefixes._bytes // 2
+    engine.image_prefixes.clear()
+    engine.image_prefixes.budget_bytes = 3 * row_bytes
+    crops = images(5, seed=6)
+    engine.score_options(crops, PROMPT, LABELS)  # all five scored, only the last three kept
+    assert len(engine.image_prefixes) == 3
+    engine.vision_passes = 0
+    engine.score_options(crops[-3:], PROMPT, ["Cat"])
+    assert engine.vision_passes == 0
+    engine.score_options(crops[:1], PROMPT, ["Cat"])
+    assert engine.vision_passes == 1
 
 
 def test_answer_tokens_are_the_label_then_end_of_turn(llava_engine):

@@ -108,3 +108,10 @@ def test_qwen_prefix_cache_equals_per_pair_with_images_of_different_sizes(qwen_e
     alone = np.concatenate([qwen_engine.score_options([image], "Which label?", options).logprobs for image in images])
     np.testing.assert_allclose(alone, per_pair, atol=1e-4)
     assert np.ptp(per_pair[:, 0]) > 1e-3, "scores depend on the image"
+
+
+def test_qwen_keeps_no_image_prefixes_because_its_positions_depend_on_the_batch(qwen_engine):
+    # Its multimodal rope stores per-batch position offsets on the model, so a stored prefix would misplace them.
+    assert not qwen_engine.shares_images
+    qwen_engine.score_options([noise_image(56, 56, 7)], "Which label?", ["cat", "dog"])
+    assert len(qwen_engine.image_prefixes) == 0

@@ -17,11 +17,13 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from backend import deadline
 from backend.deadline import DeadlineExceeded
 from backend.models.engine import EngineError, Generation, OptionScores, OptionScoring, normalise
+from backend.models.image_prefixes import ImagePrefixes, Row, image_digest, split_rows, stack_rows
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,10 @@ def _split_rows(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.
     return rows
 
 
+class _UnsharedCache(Exception):
+    """This model's cache cannot be kept per image: score without the image prefix store."""
+
+
 def _prefix_group(prompt: dict[str, torch.Tensor]) -> tuple:
     """Prompts that can share one prefix forward: same length and image tensor shapes."""
     return tuple((k, tuple(v.shape[1:])) for k, v in sorted(prompt.items()))
@@ -147,6 +153,11 @@ class TransformersEngine:
     ``batch_size`` bounds the images (or, without the cache, the pairs) in one forward;
     ``option_batch_size`` bounds the short option rows that read a shared cache, each of
     which holds a copy of its image's prefix cache.
+
+    With ``image_cache_mb`` > 0 (and the prefix cache on), the image's own prefix (chat opening
+    and image tokens) is kept across questions: the label, the critic and the tag questions about
+    one crop run its vision tower once and prefill only their own words. Models whose positions
+    depend on the image layout (Qwen's multimodal rope) recompute the prefix per question.
     """
 
     def __init__(
@@ -158,6 +169,7 @@ class TransformersEngine:
         option_scoring: OptionScoring = "mean",
         prefix_cache: bool = True,
         option_batch_size: int = 256,
+        image_cache_mb: int = 256,
     ) -> None:
         self.name = name
         self.model = model.eval()
@@ -169,10 +181,16 @@ class TransformersEngine:
         self.prefix_cache = prefix_cache
         self.forward_passes = 0
         self.tokens_processed = 0  # input tokens through the model, for the cost report
+        self.vision_passes = 0  # images through the vision tower
+        self.prefill_tokens = 0  # prompt tokens (image tokens included) through the model; answers excluded
+        self.image_prefixes = ImagePrefixes(image_cache_mb * 2**20)
+        # Multimodal rope keeps per-batch position offsets on the model: a prefix from another batch misplaces them.
+        self.shares_images = image_cache_mb > 0 and not any(hasattr(m, "rope_deltas") for m in model.modules())
         self._input_device = next(self.model.parameters()).device
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._lock = threading.Lock()
         self._option_ids = lru_cache(maxsize=65536)(partial(self._tokenize_answer, "?"))
+        self._question_ids = lru_cache(maxsize=1024)(self._split_after_image)
 
     @classmethod
     def load(
@@ -200,6 +218,25 @@ class TransformersEngine:
 
     def chat_prefix(self, prompt: str) -> str:
         return self.processor.apply_chat_template(self._messages(prompt), add_generation_prompt=True, tokenize=False)
+
+    def _image_head(self) -> str | None:
+        """The rendered conversation up to where the question's words start, if the image comes first."""
+        marker = "\ue000"  # a private-use character no prompt contains
+        rendered = self.chat_prefix(marker)
+        head = rendered[: rendered.index(marker)] if rendered.count(marker) == 1 else ""
+        image_token = getattr(self.processor, "image_token", None)
+        return head if image_token and image_token in head else None
+
+    def _split_after_image(self, prompt: str) -> tuple[str, tuple[int, ...]] | None:
+        """The chat prefix as (image head, the question's token ids), or None unless they tokenize exactly apart."""
+        head, prefix = self._image_head(), self.chat_prefix(prompt)
+        if head is None or not prefix.startswith(head):
+            return None
+        head_ids = self.tokenizer(head)["input_ids"]
+        question_ids = self.tokenizer(prefix[len(head) :], add_special_tokens=False)["input_ids"]
+        if not question_ids or self.tokenizer(prefix)["input_ids"] != head_ids + question_ids:
+            return None  # a token spans the boundary: this prompt gets no shared prefix
+        return head, tuple(question_ids)
 
     def _answer_ids(self, prompt: str, option: str) -> tuple[int, ...]:
         """The option's tokens exactly as they follow the prompt in a rendered conversation.
@@ -266,10 +303,16 @@ class TransformersEngine:
         finally:
             self._lock.release()
 
-    def _forward(self, **inputs: object):
+    def _forward(self, *, prefill: bool = False, **inputs: object):
+        """One model call; ``prefill`` marks prompt tokens (counted), as opposed to answer tokens."""
         deadline.check("running the model")  # between forward passes: a request stops within one pass
+        tokens = int(inputs["input_ids"].numel())  # type: ignore[union-attr]
         self.forward_passes += 1
-        self.tokens_processed += int(inputs["input_ids"].numel())  # type: ignore[union-attr]
+        self.tokens_processed += tokens
+        if prefill:
+            self.prefill_tokens += tokens
+        if "pixel_values" in inputs:
+            self.vision_passes += int(inputs["input_ids"].shape[0])  # type: ignore[union-attr]
         return self.model(**inputs)
 
     # --- scoring ------------------------------------------------------------------
@@ -278,15 +321,24 @@ class TransformersEngine:
     def score_options(self, images: Sequence[Image.Image], prompt: str, options: Sequence[str]) -> OptionScores:
         if not options:
             raise EngineError("no options to score")
-        prefix = self.chat_prefix(prompt)
         answers = [list(self._answer_ids(prompt, option)) for option in options]
-        prompts = self._encode_prompts(images, prefix)
-        with self._turn():
-            summed = (
-                self._score_with_prefix_cache(prompts, answers)
-                if self.prefix_cache
-                else self._score_pairs(prompts, answers)
-            )
+        split = self._question_ids(prompt) if self.shares_images and self.prefix_cache else None
+        summed = None
+        if split is not None:
+            head, question = split
+            with self._turn():
+                try:
+                    summed = self._score_after_images(images, head, list(question), answers)
+                except _UnsharedCache:
+                    self.shares_images = False
+        if summed is None:
+            prompts = self._encode_prompts(images, self.chat_prefix(prompt))
+            with self._turn():
+                summed = (
+                    self._score_with_prefix_cache(prompts, answers)
+                    if self.prefix_cache
+                    else self._score_pairs(prompts, answers)
+                )
         scores = normalise(summed, [len(a) for a in answers], self.option_scoring)
         return OptionScores(options=tuple(options), logprobs=scores)
 
@@ -304,9 +356,9 @@ class TransformersEngine:
         inputs = self._to_model(_collate(rows, self.pad_id))
         if self._keeps_logits:
             keep = torch.arange(first, last, device=self._input_device)
-            logits = self._forward(**inputs, logits_to_keep=keep, use_cache=False).logits
+            logits = self._forward(**inputs, prefill=True, logits_to_keep=keep, use_cache=False).logits
         else:
-            logits = self._forward(**inputs, use_cache=False).logits[:, first:last]
+            logits = self._forward(**inputs, prefill=True, use_cache=False).logits[:, first:last]
         logprobs = logits.float().log_softmax(dim=-1).cpu()
         totals = []
         for i, row in enumerate(rows):
@@ -329,20 +381,71 @@ class TransformersEngine:
         """Equal-length prefixes in one forward; options then read the shared KV cache."""
         inputs = self._to_model(_collate([_Row(p, []) for p in prompts], self.pad_id))
         keep = {"logits_to_keep": 1} if self._keeps_logits else {}
-        output = self._forward(**inputs, use_cache=True, **keep)
+        return self._score_after(self._forward(**inputs, prefill=True, use_cache=True, **keep), len(prompts), answers)
+
+    def _score_after(self, output, n_images: int, answers: list[list[int]]) -> np.ndarray:
+        """Every answer's log-probability after a prefix forward of ``n_images`` rows (its logits and cache)."""
         first_token = output.logits[:, -1].float().log_softmax(dim=-1).cpu()  # predicts each answer's first token
         cache = output.past_key_values
         totals = np.stack([first_token[:, a[0]].numpy() for a in answers], axis=1).astype(np.float64)
         # Options with more than one token continue from the cache; one-token options are done.
         longer = [j for j, a in enumerate(answers) if len(a) > 1]
-        per_forward = max(1, self.option_batch_size // len(prompts))
+        per_forward = max(1, self.option_batch_size // n_images)
         for start in range(0, len(longer), per_forward):
             deadline.check("scoring the options")  # before copying the cache: that copy is the costly part
             group = longer[start : start + per_forward]
             last = start + per_forward >= len(longer)
             shared = cache if last else copy.deepcopy(cache)  # the last group may consume the cache itself
-            totals[:, group] += self._continue_options(shared, len(prompts), [answers[j] for j in group])
+            totals[:, group] += self._continue_options(shared, n_images, [answers[j] for j in group])
         return totals
+
+    def _score_after_images(
+        self, images: Sequence[Image.Image], head: str, question: list[int], answers: list[list[int]]
+    ) -> np.ndarray:
+        """Score with each image's stored prefix: only the question's tokens and the answers run here."""
+        rows = self._image_rows(images, head)
+        totals = np.empty((len(images), len(answers)), dtype=np.float64)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for index, row in enumerate(rows):
+            groups[row[0][0].shape[-2]].append(index)  # equal prefix lengths batch without padding
+        keep = {"logits_to_keep": 1} if self._keeps_logits else {}
+        for indices in groups.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                cache = DynamicCache(ddp_cache_data=stack_rows([rows[i] for i in chunk]))
+                ids = torch.tensor([question] * len(chunk), dtype=torch.long, device=self._input_device)
+                output = self._forward(input_ids=ids, past_key_values=cache, use_cache=True, prefill=True, **keep)
+                totals[chunk] = self._score_after(output, len(chunk), answers)
+        return totals
+
+    def _image_rows(self, images: Sequence[Image.Image], head: str) -> list[Row]:
+        """Each image's prefix cache row: from the store, or one batched prefix forward for those it lacks."""
+        keys = [(image_digest(image), head) for image in images]
+        found: dict[tuple[bytes, str], Row] = {}
+        for key in keys:
+            row = self.image_prefixes.get(key)
+            if row is not None:
+                found[key] = row
+        missing = list(dict.fromkeys(k for k, image in zip(keys, images, strict=True) if k not in found))
+        if missing:
+            first_image = {key: images[keys.index(key)] for key in missing}
+            prompts = self._encode_prompts([first_image[key] for key in missing], head)
+            groups: dict[tuple, list[int]] = defaultdict(list)
+            for index, prompt in enumerate(prompts):
+                groups[_prefix_group(prompt)].append(index)
+            for indices in groups.values():
+                for start in range(0, len(indices), self.batch_size):
+                    chunk = indices[start : start + self.batch_size]
+                    inputs = self._to_model(_collate([_Row(prompts[i], []) for i in chunk], self.pad_id))
+                    keep = {"logits_to_keep": 1} if self._keeps_logits else {}
+                    cache = self._forward(**inputs, prefill=True, use_cache=True, **keep).past_key_values
+                    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+                        raise _UnsharedCache  # e.g. sliding-window layers: they cannot be cut into rows
+                    layers = [(layer.keys, layer.values) for layer in cache.layers]
+                    for i, row in zip(chunk, split_rows(layers, len(chunk)), strict=True):
+                        found[missing[i]] = row
+                        self.image_prefixes.put(missing[i], row)
+        return [found[key] for key in keys]
 
     def _continue_options(self, shared, n_images: int, answers: list[list[int]]) -> np.ndarray:
         """Log-prob of each answer's tokens after the first, for every image: shape (n_images, len(answers)).
@@ -379,6 +482,8 @@ class TransformersEngine:
                 deadline.check("generating text")
                 inputs = self._to_model(self._encode_prompt(image, prefix))
                 self.forward_passes += 1
+                self.vision_passes += 1
+                self.prefill_tokens += int(inputs["input_ids"].shape[1])
                 output = self.model.generate(
                     **inputs,
                     max_new_tokens=max_new_tokens,
