@@ -192,3 +192,16 @@ def test_answer_tokens_do_not_depend_on_the_prompt_so_they_are_worked_out_once(c
     for option in ["cat", "Chat, domestique", "猫", " leading space", "a\nb", "label 12"]:
         rendered = {engine._tokenize_answer(prompt, option) for prompt in prompts}
         assert rendered == {engine._answer_ids(PROMPT, option)}, option
+
+
+def test_a_question_too_long_to_continue_a_stored_prefix_prefills_its_image_again(tiny_llava, monkeypatch):
+    from backend.models import local
+
+    engine = TransformersEngine.load(str(tiny_llava), "cpu")
+    monkeypatch.setattr(local, "SHARED_QUESTION_MAX_TOKENS", len(engine._split_after_image(PROMPT)[1]))
+    crops = images(2, seed=31)
+    engine.score_options(crops, PROMPT, LABELS)  # a short question: the prefixes are stored
+    assert len(engine.image_prefixes) == 2 and engine.vision_passes == 2
+    long_prompt = "Which label? " + " ".join(LABELS * 3)
+    engine.score_options(crops, long_prompt, LABELS)
+    assert engine.vision_passes == 4

@@ -133,6 +133,12 @@ def _split_rows(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.
     return rows
 
 
+# A question continuing a stored prefix needs an explicit attention mask (queries x cached keys), which costs
+# quadratic memory; a causal prefix without a cache needs none. Past this length (a prompt listing hundreds of
+# labels) the mask outweighs the image's share of the work, so such a question prefills its image again.
+SHARED_QUESTION_MAX_TOKENS = 2048
+
+
 class _UnsharedCache(Exception):
     """This model's cache cannot be kept per image: score without the image prefix store."""
 
@@ -234,7 +240,9 @@ class TransformersEngine:
             return None
         head_ids = self.tokenizer(head)["input_ids"]
         question_ids = self.tokenizer(prefix[len(head) :], add_special_tokens=False)["input_ids"]
-        if not question_ids or self.tokenizer(prefix)["input_ids"] != head_ids + question_ids:
+        if not question_ids or len(question_ids) > SHARED_QUESTION_MAX_TOKENS:
+            return None
+        if self.tokenizer(prefix)["input_ids"] != head_ids + question_ids:
             return None  # a token spans the boundary: this prompt gets no shared prefix
         return head, tuple(question_ids)
 
