@@ -1,8 +1,13 @@
-"""Engine benchmark on a tiny offline checkpoint: prefix-KV vs per-pair scoring, batched vs sequential.
+"""`mllm-backend bench`: the engine against slower versions of itself, and this backend against its peers.
 
-All figures come from one run on one machine, so their ratios are comparable. The tiny
-model has 16 image tokens and a 2-layer text model; real MLLMs have hundreds of image
-tokens per crop, which makes re-running the prefix (what the cache avoids) costlier still.
+All figures come from one run on one machine, so their ratios are comparable.
+
+- On a tiny offline checkpoint (16 image tokens, a 2-layer text model): prefix-KV vs per-pair
+  scoring, batched vs sequential crops, and the Flask app's throughput and overhead. Real MLLMs
+  have hundreds of image tokens per crop, which makes re-running a prefix costlier still.
+- On the shipped shapes model, where accuracy is measured too (``backend.evaluation.peers``):
+  generate-and-parse, ``pipeline`` per crop and yes/no per label against this backend, on the
+  same boxes and images; vision passes and prefill tokens per box against their lower bound.
 """
 
 from __future__ import annotations
@@ -189,7 +194,18 @@ def _end_to_end(checkpoint: Path, engine: TransformersEngine) -> dict:
     }
 
 
-def run_bench(repeats: int = 15, checkpoint: Path | None = None) -> dict:
+PEER_TASKS, PEER_SEED = 40, 2600  # a held-out world (the shapes model trained on seeds 0-999)
+
+
+def _against_peers(tasks: int) -> dict:
+    from backend.evaluation.peers import run_peers
+    from backend.shapes.training import SHIPPED
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_peers(str(SHIPPED), tasks=tasks, seed=PEER_SEED, work=Path(tmp))
+
+
+def run_bench(repeats: int = 15, checkpoint: Path | None = None, peer_tasks: int = PEER_TASKS) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint or build_tiny_checkpoint(Path(tmp) / "tiny-llava", "llava")
         engine = TransformersEngine.load(str(path), device="cpu", batch_size=16)
@@ -208,6 +224,7 @@ def run_bench(repeats: int = 15, checkpoint: Path | None = None) -> dict:
         )
         request = _request_forward_passes(path, engine)
         end_to_end = _end_to_end(path, engine)
+    shapes = _against_peers(peer_tasks)
     return {
         "machine": {
             "platform": platform.platform(),
@@ -227,11 +244,16 @@ def run_bench(repeats: int = 15, checkpoint: Path | None = None) -> dict:
         },
         "predict_request": request,
         "end_to_end": end_to_end,
+        "peers": shapes["peers"],
+        "vision_passes_per_crop": shapes["vision_passes_per_crop"],
+        "prefill_tokens_per_box": shapes["prefill_tokens_per_box"],
+        "prefill_tokens_per_box_lower_bound": shapes["prefill_tokens_per_box_lower_bound"],
+        "shapes_model": shapes,
     }
 
 
-def main(out: Path | None, repeats: int) -> dict:
-    report = run_bench(repeats)
+def main(out: Path | None, repeats: int, peer_tasks: int = PEER_TASKS) -> dict:
+    report = run_bench(repeats, peer_tasks=peer_tasks)
     text = json.dumps(report, indent=2)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

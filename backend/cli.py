@@ -109,9 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     tiny.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
 
-    bench = commands.add_parser("bench", help="measure the engine on a tiny offline checkpoint; prints JSON")
+    bench = commands.add_parser(
+        "bench", help="measure the engine (tiny checkpoint) and this backend against its peers (shapes model); JSON"
+    )
     bench.add_argument("--out", type=Path, default=Path("bench-results/engine.json"), help="JSON file to write")
     bench.add_argument("--repeats", type=int, default=15, help="timed repeats per measurement (the fastest is kept)")
+    bench.add_argument("--peer-tasks", type=int, default=40, help="shapes-world tasks for the peer comparison")
 
     plan = commands.add_parser(
         "review-plan",
@@ -320,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench":
         from backend.bench import main as bench_main
 
-        bench_main(args.out, args.repeats)
+        bench_main(args.out, args.repeats, args.peer_tasks)
 
 
 if __name__ == "__main__":
