@@ -143,6 +143,19 @@ class _UnsharedCache(Exception):
     """This model's cache cannot be kept per image: score without the image prefix store."""
 
 
+def _token_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive indices whose ``lengths`` add up to at most ``budget`` (an item over it goes alone)."""
+    groups: list[list[int]] = []
+    total = 0
+    for index, length in enumerate(lengths):
+        if not groups or total + length > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(index)
+        total += length
+    return groups
+
+
 def _prefix_group(prompt: dict[str, torch.Tensor]) -> tuple:
     """Prompts that can share one prefix forward: same length and image tensor shapes."""
     return tuple((k, tuple(v.shape[1:])) for k, v in sorted(prompt.items()))
@@ -191,7 +204,12 @@ class TransformersEngine:
         self.prefill_tokens = 0  # prompt tokens (image tokens included) through the model; answers excluded
         self.image_prefixes = ImagePrefixes(image_cache_mb * 2**20)
         # Multimodal rope keeps per-batch position offsets on the model: a prefix from another batch misplaces them.
-        self.shares_images = image_cache_mb > 0 and not any(hasattr(m, "rope_deltas") for m in model.modules())
+        multimodal_rope = any(hasattr(m, "rope_deltas") for m in model.modules())
+        self.shares_images = image_cache_mb > 0 and not multimodal_rope
+        # Answers side by side under a tree mask need explicit positions and a custom mask: plain rope, and an
+        # attention implementation that takes a 4D mask (flash attention does not).
+        attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        self.tree_options = not multimodal_rope and attention in {"sdpa", "eager"}
         self._input_device = next(self.model.parameters()).device
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._lock = threading.Lock()
@@ -398,6 +416,12 @@ class TransformersEngine:
         totals = np.stack([first_token[:, a[0]].numpy() for a in answers], axis=1).astype(np.float64)
         # Options with more than one token continue from the cache; one-token options are done.
         longer = [j for j, a in enumerate(answers) if len(a) > 1]
+        if self.tree_options and all(type(layer) is DynamicLayer for layer in cache.layers):
+            for group in _token_groups([len(answers[j]) - 1 for j in longer], self.option_batch_size):
+                deadline.check("scoring the options")
+                chosen = [longer[g] for g in group]
+                totals[:, chosen] += self._continue_options_tree(cache, n_images, [answers[j] for j in chosen])
+            return totals
         per_forward = max(1, self.option_batch_size // n_images)
         for start in range(0, len(longer), per_forward):
             deadline.check("scoring the options")  # before copying the cache: that copy is the costly part
@@ -454,6 +478,35 @@ class TransformersEngine:
                         found[missing[i]] = row
                         self.image_prefixes.put(missing[i], row)
         return [found[key] for key in keys]
+
+    def _continue_options_tree(self, cache, n_images: int, answers: list[list[int]]) -> np.ndarray:
+        """Log-prob of each answer's tokens after the first, for every image: shape (n_images, len(answers)).
+
+        Every answer's tokens go into one row per image, side by side; a tree attention mask lets each
+        token see the prefix and its own answer's earlier tokens only, and its position continues the
+        prefix. The prefix cache is read in place (not copied per answer) and cut back afterwards.
+        """
+        past = cache.get_seq_length()
+        owner = torch.tensor([j for j, a in enumerate(answers) for _ in a[1:]])
+        position = torch.tensor([past + k for a in answers for k in range(len(a) - 1)])
+        tokens = torch.tensor([t for a in answers for t in a[:-1]], dtype=torch.long)
+        targets = torch.tensor([t for a in answers for t in a[1:]], dtype=torch.long)
+        width, dtype = len(tokens), self.model.dtype
+        allowed = (owner[:, None] == owner[None, :]) & (position[None, :] <= position[:, None])
+        mask = torch.zeros((width, past + width), dtype=dtype)
+        mask[:, past:].masked_fill_(~allowed, torch.finfo(dtype).min)
+        logits = self._forward(
+            input_ids=tokens[None].expand(n_images, width).to(self._input_device),
+            position_ids=position[None].expand(n_images, width).to(self._input_device),
+            attention_mask=mask[None, None].expand(n_images, 1, width, past + width).to(self._input_device),
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
+        cache.crop(-width)  # back to the prefix, for the next group of answers
+        logprobs = logits.float().log_softmax(dim=-1).cpu()
+        picked = logprobs.gather(-1, targets[None, :, None].expand(n_images, width, 1)).squeeze(-1)
+        totals = torch.zeros((n_images, len(answers)), dtype=torch.float64)
+        return totals.index_add_(1, owner, picked.double()).numpy()
 
     def _continue_options(self, shared, n_images: int, answers: list[list[int]]) -> np.ndarray:
         """Log-prob of each answer's tokens after the first, for every image: shape (n_images, len(answers)).
