@@ -7,7 +7,9 @@ All figures come from one run on one machine, so their ratios are comparable.
   have hundreds of image tokens per crop, which makes re-running a prefix costlier still.
 - On the shipped shapes model, where accuracy is measured too (``backend.evaluation.peers``):
   generate-and-parse, ``pipeline`` per crop and yes/no per label against this backend, on the
-  same boxes and images; vision passes and prefill tokens per box against their lower bound.
+  same boxes and images; vision passes and prefill tokens per box against their lower bound;
+  and the backend in front of `transformers serve` against a direct client
+  (``backend.evaluation.through_server``).
 """
 
 from __future__ import annotations
@@ -205,6 +207,14 @@ def _against_peers(tasks: int) -> dict:
         return run_peers(str(SHIPPED), tasks=tasks, seed=PEER_SEED, work=Path(tmp))
 
 
+def _through_server(tasks: int) -> dict:
+    from backend.evaluation.through_server import openai_vs_direct
+    from backend.shapes.training import SHIPPED
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return openai_vs_direct(str(SHIPPED), tasks=tasks, seed=PEER_SEED, work=Path(tmp))
+
+
 def run_bench(repeats: int = 15, checkpoint: Path | None = None, peer_tasks: int = PEER_TASKS) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint or build_tiny_checkpoint(Path(tmp) / "tiny-llava", "llava")
@@ -225,6 +235,7 @@ def run_bench(repeats: int = 15, checkpoint: Path | None = None, peer_tasks: int
         request = _request_forward_passes(path, engine)
         end_to_end = _end_to_end(path, engine)
     shapes = _against_peers(peer_tasks)
+    server = _through_server(max(2, peer_tasks // 4))
     return {
         "machine": {
             "platform": platform.platform(),
@@ -248,7 +259,9 @@ def run_bench(repeats: int = 15, checkpoint: Path | None = None, peer_tasks: int
         "vision_passes_per_crop": shapes["vision_passes_per_crop"],
         "prefill_tokens_per_box": shapes["prefill_tokens_per_box"],
         "prefill_tokens_per_box_lower_bound": shapes["prefill_tokens_per_box_lower_bound"],
+        "openai_vs_direct": server["ratio"],
         "shapes_model": shapes,
+        "through_openai_server": server,
     }
 
 

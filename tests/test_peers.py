@@ -37,3 +37,14 @@ def test_the_comparison_counts_model_passes_alike_and_shares_one_vision_pass_per
     assert report["prefill_tokens_per_box"] == report["prefill_tokens_per_box_lower_bound"]
     assert report["prefill_tokens_per_box"] < report["image_prefix_recomputed"]["prefill_tokens_per_box"]
     assert report["this_backend"]["accuracy"] >= peers["generate_and_parse"]["accuracy"] - 0.15
+
+
+def test_the_direct_client_replays_every_request_the_backend_sent_through_transformers_serve(tmp_path):
+    from backend.evaluation.through_server import openai_vs_direct
+    from backend.shapes.world import generate_world
+
+    report = openai_vs_direct(str(SHIPPED), tasks=2, seed=2602, work=tmp_path, concurrency=4)
+    boxes = sum(len(scene.shapes) for scene, _ in generate_world(tasks=2, seed=2602))
+    # no log-probabilities from this server: every box is asked OPENAI_SAMPLES (5) times, and all were replayed
+    assert report["requests"] == 5 * boxes
+    assert report["backend_requests_per_s"] > 0 and report["ratio"] > 0

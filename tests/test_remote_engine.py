@@ -10,17 +10,14 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
+from backend.devtools.devstack import free_port
+from backend.devtools.serve import transformers_serve
 from backend.devtools.tiny import build_tiny_checkpoint
 from backend.models.engine import EngineError, EngineUnavailable
 from backend.models.remote import SMOOTHING, OpenAIEngine, lettered_question, match_answer
@@ -31,46 +28,12 @@ from tests.loopback import LoopbackServer, Reply, Seen
 LABELS = ["Cat", "Dog", "Other"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def served_model(tmp_path_factory) -> tuple[str, str]:
     """`transformers serve` on loopback with a tiny checkpoint: (base URL, model name)."""
     checkpoint = build_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", "llava")
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path_factory.mktemp("hub"))}
-    command = [
-        sys.executable,
-        "-c",
-        "from transformers.cli.transformers import main; main()",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        str(checkpoint),
-    ]
-    log_file = (tmp_path_factory.mktemp("serve-log") / "serve.log").open("w")
-    process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert process.poll() is None, Path(log_file.name).read_text()
-            try:
-                if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.3)
-        yield f"{url}/v1", str(checkpoint)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log_file.close()
+    with transformers_serve(checkpoint) as base_url:
+        yield base_url, str(checkpoint)
 
 
 def test_agreement_fallback_against_a_server_without_logprobs(served_model):
