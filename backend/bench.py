@@ -8,8 +8,9 @@ All figures come from one run on one machine, so their ratios are comparable.
 - On the shipped shapes model, where accuracy is measured too (``backend.evaluation.peers``):
   generate-and-parse, ``pipeline`` per crop and yes/no per label against this backend, on the
   same boxes and images; vision passes and prefill tokens per box against their lower bound;
-  and the backend in front of `transformers serve` against a direct client
-  (``backend.evaluation.through_server``).
+  the backend in front of `transformers serve` against a direct client
+  (``backend.evaluation.through_server``); and a project pre-annotated through a real Label
+  Studio and Redis by one worker, then two (``backend.evaluation.workers``).
 """
 
 from __future__ import annotations
@@ -197,6 +198,7 @@ def _end_to_end(checkpoint: Path, engine: TransformersEngine) -> dict:
 
 
 PEER_TASKS, PEER_SEED = 40, 2600  # a held-out world (the shapes model trained on seeds 0-999)
+WORKER_TASKS = 96  # pre-annotated through Label Studio with 1, then 2 workers
 
 
 def _against_peers(tasks: int) -> dict:
@@ -213,6 +215,16 @@ def _through_server(tasks: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         return openai_vs_direct(str(SHIPPED), tasks=tasks, seed=PEER_SEED, work=Path(tmp))
+
+
+def _workers(tasks: int) -> dict:
+    from backend.evaluation.workers import workers_bench
+    from backend.settings import Settings
+    from backend.shapes.training import SHIPPED
+
+    redis_url = Settings.from_env().redis_url or "redis://127.0.0.1:6379/0"
+    with tempfile.TemporaryDirectory() as tmp:
+        return workers_bench(str(SHIPPED), tasks=tasks, seed=PEER_SEED, work=Path(tmp), redis_url=redis_url)
 
 
 def run_bench(repeats: int = 15, checkpoint: Path | None = None, peer_tasks: int = PEER_TASKS) -> dict:
@@ -236,6 +248,7 @@ def run_bench(repeats: int = 15, checkpoint: Path | None = None, peer_tasks: int
         end_to_end = _end_to_end(path, engine)
     shapes = _against_peers(peer_tasks)
     server = _through_server(max(2, peer_tasks // 4))
+    workers = _workers(WORKER_TASKS)
     return {
         "machine": {
             "platform": platform.platform(),
@@ -260,8 +273,10 @@ def run_bench(repeats: int = 15, checkpoint: Path | None = None, peer_tasks: int
         "prefill_tokens_per_box": shapes["prefill_tokens_per_box"],
         "prefill_tokens_per_box_lower_bound": shapes["prefill_tokens_per_box_lower_bound"],
         "openai_vs_direct": server["ratio"],
+        "workers": {"1": workers["1"]["tasks_per_s"], "2": workers["2"]["tasks_per_s"], "speedup": workers["speedup"]},
         "shapes_model": shapes,
         "through_openai_server": server,
+        "preannotation_workers": workers,
     }
 
 

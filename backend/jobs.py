@@ -28,6 +28,7 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 STALE_SECONDS = 20.0  # a started job whose heartbeat is older than this has lost its worker
 JOB_TIMEOUT = 6 * 3600
+RUN_TTL = 7 * 86400  # how long a finished job's status stays readable
 Reporter = Callable[[float, str], None]
 
 
@@ -69,6 +70,37 @@ def run_preannotation(settings: Settings, project: int, task_ids: list[int] | No
     from backend.preannotate import preannotate_project
 
     return preannotate_project(settings, _service(settings).annotator, project, task_ids, report)
+
+
+def plan_preannotation_job(run_id: str, project: int, task_ids: list[int] | None = None) -> dict:
+    """rq entry point: list what is left to predict, and queue it as chunks for every worker to share."""
+    from backend.preannotate import label_studio_client, plan_preannotation
+
+    settings = Settings.from_env()
+    label_studio_client(settings)  # fails fast, naming the settings, before any model loads
+    plan = plan_preannotation(settings, _service(settings).annotator, project, task_ids)
+    return RedisJobs(settings).queue_chunks(run_id, project, plan.todo, tasks=plan.tasks,
+                                            model_version=plan.model_version)  # fmt: skip
+
+
+def preannotate_chunk_job(run_id: str, project: int, task_ids: list[int]) -> dict:
+    """rq entry point: predict and post one chunk, then count it in the run's progress."""
+    from backend.preannotate import predict_tasks
+
+    settings = Settings.from_env()
+    stop = _rq_heartbeat()
+    try:
+        done = predict_tasks(settings, _service(settings).annotator, project, task_ids)
+    finally:
+        stop.set()
+    RedisJobs(settings).chunk_finished(run_id, len(task_ids), done)
+    return done
+
+
+def _chunk_failed(job, connection, *_: object) -> None:  # noqa: ANN001 -- rq's failure callback signature
+    """rq calls this when a chunk has failed for good (its retries spent): the run counts it as failed."""
+    run_id, _, task_ids = job.args
+    RedisJobs(Settings.from_env()).chunk_failed(run_id, len(task_ids), job.exc_info or "")
 
 
 def _rq_reporter() -> Reporter:
@@ -241,22 +273,96 @@ class RedisJobs:
         """Called when a training starts: later annotations schedule the next run."""
         self.redis.delete(self._pending_key(project), self._count_key(project))
 
+    def _run_key(self, run_id: str) -> str:
+        return f"{self.name}:preannotation:{run_id}"
+
     def preannotate(self, project: int, task_ids: list[int] | None = None) -> str:
+        """Queue a pre-annotation run: one planning job lists the tasks left, then chunks of
+        ``PREANNOTATE_CHUNK_TASKS`` go to whichever workers are free. The run's id is what ``status`` reads."""
+
         def enqueue() -> str:
-            job_id = f"preannotate-{project}-{uuid.uuid4().hex[:8]}"
-            self.queue.enqueue(preannotate_job, project, task_ids, job_id=job_id, job_timeout=JOB_TIMEOUT,
-                               result_ttl=7 * 86400, meta={"project": project, "kind": "preannotate"})  # fmt: skip
-            self.redis.lpush(f"{self.name}:jobs:{project}", job_id)
-            return job_id
+            run_id = f"preannotate-{project}-{uuid.uuid4().hex[:8]}"
+            key = self._run_key(run_id)
+            self.redis.hset(key, mapping={"project": project, "created": time.time()})
+            self.redis.expire(key, RUN_TTL)
+            self.queue.enqueue(plan_preannotation_job, run_id, project, task_ids, job_id=f"{run_id}-plan",
+                               job_timeout=JOB_TIMEOUT, result_ttl=RUN_TTL, failure_ttl=RUN_TTL,
+                               meta={"project": project, "kind": "preannotate"})  # fmt: skip
+            self.redis.lpush(f"{self.name}:jobs:{project}", run_id)
+            self.redis.ltrim(f"{self.name}:jobs:{project}", 0, 19)
+            return run_id
 
         return self._guard(enqueue)
+
+    def queue_chunks(self, run_id: str, project: int, todo: list[int], *, tasks: int, model_version: str) -> dict:
+        """Called by the planning job: record the run's size, then queue its chunks."""
+        from rq import Callback, Retry
+
+        size = self.settings.preannotate_chunk_tasks
+        chunks = [todo[start : start + size] for start in range(0, len(todo), size)]
+        self.redis.hset(self._run_key(run_id), mapping={
+            "tasks": tasks, "todo": len(todo), "chunks": len(chunks), "model_version": model_version,
+            "stored": 0, "failed": 0, "skipped_late": 0, "chunks_done": 0, "chunks_failed": 0,
+            "tasks_done": 0})  # fmt: skip
+        for index, chunk in enumerate(chunks):
+            self.queue.enqueue(preannotate_chunk_job, run_id, project, chunk, job_id=f"{run_id}-{index:05d}",
+                               job_timeout=JOB_TIMEOUT, result_ttl=RUN_TTL, failure_ttl=RUN_TTL,
+                               retry=Retry(max=2, interval=[5, 30]), on_failure=Callback(_chunk_failed),
+                               meta={"project": project, "kind": "preannotate-chunk"})  # fmt: skip
+        return {"tasks": tasks, "todo": len(todo), "chunks": len(chunks)}
+
+    def chunk_finished(self, run_id: str, size: int, done: dict) -> None:
+        key = self._run_key(run_id)
+        with self.redis.pipeline() as pipe:
+            pipe.hincrby(key, "stored", done["stored"]).hincrby(key, "failed", done["failed"])
+            pipe.hincrby(key, "skipped_late", done["skipped"])  # predicted by someone else since the plan
+            pipe.hincrby(key, "tasks_done", size).hincrby(key, "chunks_done", 1).execute()
+
+    def chunk_failed(self, run_id: str, size: int, error: str) -> None:
+        key = self._run_key(run_id)
+        last = error.strip().splitlines()[-1] if error.strip() else "a chunk failed"
+        with self.redis.pipeline() as pipe:
+            pipe.hincrby(key, "failed", size).hincrby(key, "tasks_done", size).hincrby(key, "chunks_failed", 1)
+            pipe.hset(key, "error", last[:500]).execute()
 
     def recent(self, project: int) -> list[str]:
         return [j.decode() for j in self._guard(lambda: self.redis.lrange(f"{self.name}:jobs:{project}", 0, 19))]
 
     def status(self, job_id: str) -> dict[str, Any] | None:
+        return self._guard(lambda: self._run_status(job_id) or self._status(job_id))
 
-        return self._guard(lambda: self._status(job_id))
+    def _run_status(self, run_id: str) -> dict[str, Any] | None:
+        """A chunked pre-annotation run: its planning job until it has planned, then its chunks' counts."""
+        raw = self.redis.hgetall(self._run_key(run_id))
+        if not raw:
+            return None
+        run = {k.decode(): v.decode() for k, v in raw.items()}
+        info: dict[str, Any] = {"id": run_id, "kind": "preannotate", "project": int(run["project"])}
+        if "chunks" not in run:  # not planned yet: the planning job's own state
+            plan = self._status(f"{run_id}-plan") or {"status": "failed", "error": "the planning job expired"}
+            stage = "listing the project's tasks" if plan["status"] == "started" else plan.get("stage")
+            return {**info, "status": plan["status"], "progress": 0.0, "stage": stage,
+                    **({"error": plan["error"]} if "error" in plan else {})}  # fmt: skip
+        count = {k: int(run[k]) for k in ("tasks", "todo", "chunks", "chunks_done", "chunks_failed", "tasks_done",
+                                           "stored", "failed", "skipped_late")}  # fmt: skip
+        finished = count["chunks_done"] + count["chunks_failed"] >= count["chunks"]
+        info.update(progress=round(count["tasks_done"] / count["todo"], 4) if count["todo"] else 1.0,
+                    stage=f"{count['chunks_done']} of {count['chunks']} chunks done, {count['stored']} predictions "
+                    "stored", chunks=count["chunks"], chunks_done=count["chunks_done"])  # fmt: skip
+        if not finished:
+            return {**info, "status": "started" if count["tasks_done"] or self._any_started(run_id) else "queued"}
+        skipped = count["tasks"] - count["todo"] + count["skipped_late"]
+        result = {"tasks": count["tasks"], "skipped": skipped, "stored": count["stored"], "failed": count["failed"],
+                  "model_version": run["model_version"]}  # fmt: skip
+        if count["chunks_failed"]:
+            return {**info, "status": "failed", "error": run.get("error", "a chunk failed"), "result": result}
+        return {**info, "status": "finished", "result": result}
+
+    def _any_started(self, run_id: str) -> bool:
+        from rq.registry import StartedJobRegistry
+
+        started = StartedJobRegistry(self.name, connection=self.redis).get_job_ids()
+        return any(job_id.startswith(run_id) for job_id in started)
 
     def _status(self, job_id: str) -> dict[str, Any] | None:
         from rq.exceptions import NoSuchJobError
@@ -392,7 +498,7 @@ def make_queue(settings: Settings, annotator_factory: Callable[[], Any] | None =
 
 def run_worker(settings: Settings) -> None:
     """`mllm-backend worker`: take jobs from Redis until stopped (with the scheduler for debounced runs)."""
-    from rq import Worker
+    from rq import SimpleWorker
 
     if not settings.redis_url:
         raise SystemExit("mllm-backend worker needs REDIS_URL, e.g. redis://127.0.0.1:6379/0")
@@ -400,4 +506,7 @@ def run_worker(settings: Settings) -> None:
     import transformers  # noqa: F401
 
     queue = RedisJobs(settings).queue
-    Worker([queue], connection=queue.connection).work(with_scheduler=True)
+    # Jobs run in this process, not a forked work horse per job: the MLLM the first pre-annotation chunk loads
+    # stays loaded for the next chunk (a horse would load it again for every chunk, and a forked CUDA context
+    # cannot be used at all).
+    SimpleWorker([queue], connection=queue.connection).work(with_scheduler=True)

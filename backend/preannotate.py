@@ -2,16 +2,19 @@
 
 Tasks are read through the SDK, predicted in batches by the same annotator `/predict` uses,
 and stored with ``predictions.create``. Tasks that already hold a prediction from the current
-model_version are skipped, so a re-run resumes where an interrupted one stopped.
+model_version are skipped, so a re-run resumes where an interrupted one stopped. With Redis,
+the plan is split into chunks that any number of `mllm-backend worker` processes share
+(``backend.jobs``); each chunk's predictions are posted as it finishes.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from backend.labelstudio.client import connect, project_tasks, set_model_version
+from backend.labelstudio.client import connect, project_tasks, set_model_version, tasks_by_id
 from backend.labelstudio.protocol import label_studio_id, project_id
 from backend.settings import Settings
 
@@ -71,25 +74,42 @@ def _has_version(task: dict, version: str) -> bool:
     return any(isinstance(p, dict) and p.get("model_version") == version for p in task.get("predictions") or [])
 
 
-def preannotate_project(
-    settings: Settings,
-    annotator: Annotator,
-    project: int,
-    task_ids: list[int] | None,
-    report: Callable[[float, str], None],
-) -> dict:
-    if not settings.label_studio_url or not settings.label_studio_api_key:
-        raise RuntimeError("pre-annotation needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-    client = connect(settings.label_studio_url, settings.label_studio_api_key)
-    label_config = client.projects.get(project).label_config
-    version = annotator.model_version
+@dataclass(frozen=True)
+class Plan:
+    """What a pre-annotation run has to do: the tasks without a prediction from ``model_version``, in order."""
+
+    todo: list[int]
+    tasks: int
+    model_version: str
+
+    @property
+    def skipped(self) -> int:
+        return self.tasks - len(self.todo)
+
+
+def plan_preannotation(settings: Settings, annotator: Annotator, project: int, task_ids: list[int] | None) -> Plan:
+    """List the project's tasks once (or ``task_ids`` of them) and keep those our model_version has not predicted,
+    so a re-run resumes where an interrupted one stopped."""
+    client = label_studio_client(settings)
     tasks = project_tasks(client, project)
     if task_ids is not None:
         wanted = set(task_ids)
         tasks = [t for t in tasks if t["id"] in wanted]
+    version = annotator.model_version
+    return Plan([t["id"] for t in tasks if not _has_version(t, version)], len(tasks), version)
+
+
+def predict_tasks(settings: Settings, annotator: Annotator, project: int, task_ids: list[int],
+                  report: Callable[[float, str], None] | None = None) -> dict:  # fmt: skip
+    """Predict these tasks (read afresh, so boxes drawn since the plan count) and post each batch as it finishes;
+    a task that meanwhile got a prediction from our model_version is skipped."""
+    client = label_studio_client(settings)
+    label_config = client.projects.get(project).label_config
+    version = annotator.model_version
+    wanted = set(task_ids)
+    tasks = [t for t in tasks_by_id(client, project, task_ids) if t["id"] in wanted]
     todo = [t for t in tasks if not _has_version(t, version)]
-    stored, failed = 0, 0
-    report(0.0, f"{len(todo)} of {len(tasks)} tasks to predict")
+    stored = failed = 0
     synced = False
     for start in range(0, len(todo), BATCH):
         batch = todo[start : start + BATCH]
@@ -103,9 +123,31 @@ def preannotate_project(
                 log.warning("pre-annotation: %s", prediction.get("error"))
         if stored and not synced:
             synced = _sync_model_version(client, project, version)
-        report((start + len(batch)) / len(todo), f"{stored} predictions stored")
-    return {"tasks": len(tasks), "skipped": len(tasks) - len(todo), "stored": stored, "failed": failed,
-            "model_version": version}  # fmt: skip
+        if report is not None:
+            report((start + len(batch)) / len(todo), f"{stored} predictions stored")
+    return {"stored": stored, "failed": failed, "skipped": len(task_ids) - len(todo), "model_version": version}
+
+
+def preannotate_project(
+    settings: Settings,
+    annotator: Annotator,
+    project: int,
+    task_ids: list[int] | None,
+    report: Callable[[float, str], None],
+) -> dict:
+    """The whole run in one process (the in-process queue): plan, then predict every task left."""
+    plan = plan_preannotation(settings, annotator, project, task_ids)
+    report(0.0, f"{len(plan.todo)} of {plan.tasks} tasks to predict")
+    done = predict_tasks(settings, annotator, project, plan.todo, report) if plan.todo else {"stored": 0, "failed": 0}
+    return {"tasks": plan.tasks, "skipped": plan.skipped, "stored": done["stored"], "failed": done["failed"],
+            "model_version": plan.model_version}  # fmt: skip
+
+
+def label_studio_client(settings: Settings):
+    """The SDK client for the configured Label Studio, or a RuntimeError naming the settings it needs."""
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        raise RuntimeError("pre-annotation needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+    return connect(settings.label_studio_url, settings.label_studio_api_key)
 
 
 def _sync_model_version(client, project: int, version: str) -> bool:

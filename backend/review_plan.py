@@ -216,7 +216,7 @@ def run_review_plan(
     except ValueError as exc:
         print(f"mllm-backend: review-plan: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    store = ReviewStore(settings.model_dir / "reviews.sqlite3", settings.calibration_min_reviews)
+    store = ReviewStore.for_settings(settings)
     report = {"project": project, "model_version": version, "plan_id": store.record_plan(project, plan),
               **plan.as_dict()}  # fmt: skip
     if create_view:
@@ -229,5 +229,5 @@ def run_review_estimate(settings: Settings, project: int, confidence: float = 0.
     """`mllm-backend review-estimate`: the project's label accuracy estimated from its review sample (JSON)."""
     from backend.reviews import ReviewStore
 
-    store = ReviewStore(settings.model_dir / "reviews.sqlite3", settings.calibration_min_reviews)
+    store = ReviewStore.for_settings(settings)
     print(json.dumps(store.sample_estimate(project, confidence), indent=2))

@@ -2,11 +2,13 @@
 
 Predicted labels (with their raw suspicion scores) are recorded when the backend predicts;
 Label Studio's annotation webhooks then say which of them a human kept. Stored in SQLite
-under ``MODEL_DIR`` so it survives restarts.
+under ``MODEL_DIR`` so it survives restarts, or in PostgreSQL when ``DATABASE_URL`` is set,
+so servers and workers on several hosts share one store.
 
-Several processes share the file (the server and its workers, as docker-compose runs them):
-the database is in WAL mode, every write is one ``BEGIN IMMEDIATE`` transaction that waits
-for the others (``busy_timeout``), and a write that still cannot get the lock raises
+Several processes share it (the server and its workers, as docker-compose runs them): every
+write is one transaction that first takes the store's write lock (SQLite: ``BEGIN IMMEDIATE``
+in WAL mode; PostgreSQL: a transaction-scoped advisory lock), so a read-then-write is atomic
+across processes. A write that cannot get the lock within ``BUSY_TIMEOUT_SECONDS`` raises
 :class:`StoreBusy`, which the server answers 503 so Label Studio's event is not acknowledged
 and lost.
 """
@@ -27,22 +29,25 @@ from backend.labelstudio.outcomes import PredictedLabel, review_outcomes
 
 if TYPE_CHECKING:
     from backend.review_plan import ReviewPlan
+    from backend.settings import Settings
 
+# One schema for both databases: SQLite reads DOUBLE PRECISION as REAL; PostgreSQL's REAL would be 4 bytes.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS predicted (
-    project INTEGER, task INTEGER, region TEXT, control TEXT, label TEXT, raw REAL, model_version TEXT, at REAL,
-    annotator REAL, PRIMARY KEY (project, task, region, control, label));
+    project INTEGER, task INTEGER, region TEXT, control TEXT, label TEXT, raw DOUBLE PRECISION, model_version TEXT,
+    at DOUBLE PRECISION, annotator DOUBLE PRECISION, PRIMARY KEY (project, task, region, control, label));
 CREATE TABLE IF NOT EXISTS usage (
-    project INTEGER, task INTEGER, model_version TEXT, seconds REAL, images INTEGER, boxes INTEGER, tokens INTEGER,
-    at REAL, PRIMARY KEY (project, task, model_version));
+    project INTEGER, task INTEGER, model_version TEXT, seconds DOUBLE PRECISION, images INTEGER, boxes INTEGER,
+    tokens INTEGER, at DOUBLE PRECISION, PRIMARY KEY (project, task, model_version));
 CREATE TABLE IF NOT EXISTS reviewed (
-    project INTEGER, task INTEGER, region TEXT, control TEXT, label TEXT, raw REAL, survived INTEGER, at REAL,
-    annotation INTEGER, PRIMARY KEY (project, task, region, control, label));
+    project INTEGER, task INTEGER, region TEXT, control TEXT, label TEXT, raw DOUBLE PRECISION, survived INTEGER,
+    at DOUBLE PRECISION, annotation INTEGER, PRIMARY KEY (project, task, region, control, label));
 CREATE TABLE IF NOT EXISTS plans (
-    project INTEGER, plan INTEGER, rule TEXT, floor REAL, seed INTEGER, at REAL, PRIMARY KEY (project, plan));
+    project INTEGER, plan INTEGER, rule TEXT, floor DOUBLE PRECISION, seed INTEGER, at DOUBLE PRECISION,
+    PRIMARY KEY (project, plan));
 CREATE TABLE IF NOT EXISTS inclusion (
-    project INTEGER, plan INTEGER, task INTEGER, score REAL, probability REAL, selected INTEGER,
-    PRIMARY KEY (project, plan, task));
+    project INTEGER, plan INTEGER, task INTEGER, score DOUBLE PRECISION, probability DOUBLE PRECISION,
+    selected INTEGER, PRIMARY KEY (project, plan, task));
 """
 # Stores made before a column existed get it added (name, declaration).
 _ADDED_COLUMNS = {"reviewed": (("annotation", "INTEGER"),), "predicted": (("out_of_set", "TEXT"),)}
@@ -50,39 +55,93 @@ SUGGESTION_TASKS = 20  # task ids listed per out-of-set suggestion
 
 
 BUSY_TIMEOUT_SECONDS = 20.0  # how long a write waits for another process's transaction
+_WRITE_LOCK = 0x4D4C4C4D  # PostgreSQL advisory lock key of the store's writes ("MLLM")
 
 
 class StoreBusy(RuntimeError):
     """The review store stayed locked by another process; nothing was written, retry the event."""
 
 
+class _Postgres:
+    """A psycopg connection answering sqlite3's calls (``?`` placeholders, ``execute`` and ``executemany``)."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self._connection = psycopg.connect(url, autocommit=True, connect_timeout=10)  # transactions are explicit
+
+    def execute(self, query: str, params: Sequence = ()):  # noqa: ANN201 -- a psycopg cursor
+        return self._connection.execute(query.replace("?", "%s"), params)
+
+    def executemany(self, query: str, rows: Sequence[Sequence]) -> None:
+        with self._connection.cursor() as cursor:
+            cursor.executemany(query.replace("?", "%s"), rows)
+
+
 class ReviewStore:
-    def __init__(self, path: Path, min_reviews: int = 30) -> None:
-        self.path = Path(path)
+    """The review store at ``location``: a SQLite file path, or a ``postgresql://`` URL."""
+
+    def __init__(self, location: Path | str, min_reviews: int = 30) -> None:
         self.min_reviews = min_reviews
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                   timeout=BUSY_TIMEOUT_SECONDS)  # fmt: skip
+        self.location = str(location)  # for other processes to open the same store; may hold a password
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer; outside any transaction
+        self.postgres = self.location.startswith(("postgresql://", "postgres://"))
+        if self.postgres:
+            self.name = "PostgreSQL review store"  # never the URL: it may carry a password
+            self._db = _Postgres(str(location))
+        else:
+            path = Path(location)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.name = f"review store {path.name}"
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                       timeout=BUSY_TIMEOUT_SECONDS)  # fmt: skip
+            self._db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer; outside any transaction
         with self._writing() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
-            for table, columns in _ADDED_COLUMNS.items():
-                present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-                for name, declaration in columns:
-                    if name not in present:
-                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+            self._add_columns(db)
         self._calibrators: dict[int, tuple[tuple[int, int], Calibrator]] = {}
 
-    @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken before reading (so read-then-write is atomic across processes)."""
-        with self._lock:
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ReviewStore:
+        """``DATABASE_URL``'s PostgreSQL when set, else ``MODEL_DIR/reviews.sqlite3``."""
+        location = settings.database_url or settings.model_dir / "reviews.sqlite3"
+        return cls(location, settings.calibration_min_reviews)
+
+    def _add_columns(self, db) -> None:  # noqa: ANN001 -- sqlite3 or _Postgres
+        for table, columns in _ADDED_COLUMNS.items():
+            if self.postgres:
+                for name, declaration in columns:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {declaration}")
+                continue
+            present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            for name, declaration in columns:
+                if name not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+
+    def _begin(self) -> None:
+        """Open a write transaction holding the store's write lock, or raise StoreBusy."""
+        if not self.postgres:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
-                raise StoreBusy(f"the review store {self.path.name} is locked by another process ({exc})") from None
+                raise StoreBusy(f"the {self.name} is locked by another process ({exc})") from None
+            return
+        import psycopg
+
+        self._db.execute("BEGIN")
+        try:
+            self._db.execute(f"SET LOCAL lock_timeout = '{int(BUSY_TIMEOUT_SECONDS * 1000)}ms'")
+            self._db.execute("SELECT pg_advisory_xact_lock(?)", (_WRITE_LOCK,))
+        except psycopg.errors.LockNotAvailable:
+            self._db.execute("ROLLBACK")
+            raise StoreBusy(f"the {self.name} stayed locked by another process") from None
+
+    @contextmanager
+    def _writing(self) -> Iterator[Any]:
+        """One write transaction, taken before reading (so read-then-write is atomic across processes)."""
+        with self._lock:
+            self._begin()
             try:
                 yield self._db
             except BaseException:
@@ -101,9 +160,11 @@ class ReviewStore:
         rows = [(project, p.task, p.region, p.control, p.label, p.raw, model_version, time.time(), a, s)
                 for p, a, s in zip(labels, confidences, suggestions, strict=True)]  # fmt: skip
         with self._writing() as db:
-            db.executemany("INSERT OR REPLACE INTO predicted (project, task, region, control, label, raw, "
-                           "model_version, at, annotator, out_of_set) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           rows)  # fmt: skip
+            db.executemany("INSERT INTO predicted (project, task, region, control, label, raw, model_version, at, "
+                           "annotator, out_of_set) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (project, task, "
+                           "region, control, label) DO UPDATE SET raw = excluded.raw, model_version = "
+                           "excluded.model_version, at = excluded.at, annotator = excluded.annotator, out_of_set = "
+                           "excluded.out_of_set", rows)  # fmt: skip
 
     def suggestions(self, project: int, model_version: str | None = None) -> list[dict]:
         """The project's out-of-set answers (candidate new classes), most frequent first: the answer as first
@@ -126,7 +187,9 @@ class ReviewStore:
         """(task, model seconds, images, boxes, tokens) per predicted task, for the cost report."""
         with self._writing() as db:
             db.executemany(
-                "INSERT OR REPLACE INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (project, task, model_version) "
+                "DO UPDATE SET seconds = excluded.seconds, images = excluded.images, boxes = excluded.boxes, "
+                "tokens = excluded.tokens, at = excluded.at",
                 [(project, task, model_version, s, i, b, t, time.time()) for task, s, i, b, t in rows],
             )
 
@@ -219,7 +282,8 @@ class ReviewStore:
                                      (project, plan[0])).fetchone()[0]  # fmt: skip
             rows = self._db.execute(
                 "SELECT SUM(r.survived), COUNT(*), i.probability FROM inclusion i JOIN reviewed r ON r.project ="
-                " i.project AND r.task = i.task WHERE i.project = ? AND i.plan = ? AND i.selected = 1 GROUP BY i.task",
+                " i.project AND r.task = i.task WHERE i.project = ? AND i.plan = ? AND i.selected = 1"
+                " GROUP BY i.task, i.probability",
                 (project, plan[0])).fetchall()  # fmt: skip
         estimate = estimate_accuracy(correct=[r[0] for r in rows], labels=[r[1] for r in rows],
                                      probabilities=[r[2] for r in rows], confidence=confidence)  # fmt: skip

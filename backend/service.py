@@ -106,7 +106,7 @@ def build_service(settings: Settings, factory: Callable[[], Engine] | None = Non
             settings, mapper, settings.critic_provider, settings.critic_model, settings.critic_base_url
         )
         critic_slot = EngineSlot(critic_factory, f"{settings.critic_model} (critic)")
-    reviews = ReviewStore(settings.model_dir / "reviews.sqlite3", settings.calibration_min_reviews)
+    reviews = ReviewStore.for_settings(settings)
     classifiers = ClassifierVersions(settings.model_dir)  # MODEL_DIR/<project>/<version>/
     predictor = Predictor(settings, slot, loader, prompts, sites, telemetry, reviews, mapper, critic_slot, classifiers)
     annotator = Annotator.serving(predictor)

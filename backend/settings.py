@@ -79,9 +79,11 @@ class Settings:
     critic_base_url: str | None = None
     calibration_min_reviews: int = 30
     redis_url: str | None = None
+    database_url: str | None = field(default=None, repr=False)  # the review store; else SQLite
     job_queue: str = "mllm-backend"
     train_after_annotations: int = 10
     train_debounce_seconds: float = 60.0
+    preannotate_chunk_tasks: int = 16
     classifier_backbone: str | None = None  # None: the serving model's own vision tower (training/backbone.py)
     training_epochs: int = 10
     training_loss: str = "weighted"  # one of training.classifier.TRAINING_LOSSES
@@ -145,6 +147,14 @@ class _Reader:
         raw = self.text("REDIS_URL")
         if raw is not None and urlsplit(raw).scheme not in {"redis", "rediss", "unix"}:
             raise SettingsError(f"REDIS_URL={raw!r} is not a Redis URL; set it like redis://127.0.0.1:6379/0")
+        return raw
+
+    def database_url(self) -> str | None:
+        raw = self.text("DATABASE_URL")
+        if raw is not None and urlsplit(raw).scheme not in {"postgresql", "postgres"}:
+            # not echoed: a database URL usually carries a password
+            raise SettingsError("DATABASE_URL is not a PostgreSQL URL; set it like postgresql://user@host:5432/db "
+                                "(or unset it to keep the review store in SQLite under MODEL_DIR)")  # fmt: skip
         return raw
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -284,9 +294,11 @@ class _Reader:
             critic_base_url=self.url("CRITIC_BASE_URL", example="http://localhost:8001/v1") or openai_url,
             calibration_min_reviews=self.integer("CALIBRATION_MIN_REVIEWS", 30, 2),
             redis_url=self.redis_url(),
+            database_url=self.database_url(),
             job_queue=self.text("JOB_QUEUE") or "mllm-backend",
             train_after_annotations=self.integer("TRAIN_AFTER_ANNOTATIONS", 10, 1),
             train_debounce_seconds=self.number("TRAIN_DEBOUNCE_SECONDS", 60.0, 0.0),
+            preannotate_chunk_tasks=self.integer("PREANNOTATE_CHUNK_TASKS", 16, 1),
             classifier_backbone=self.text("CLASSIFIER_BACKBONE"),
             training_epochs=self.integer("TRAINING_EPOCHS", 10, 1),
             training_loss=self.choice("TRAINING_LOSS", "weighted", TRAINING_LOSSES),

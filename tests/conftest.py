@@ -110,3 +110,21 @@ def make_client(tiny_llava: Path, tmp_path: Path):
         return app.test_client(), service
 
     return make
+
+
+POSTGRES = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """The machine's PostgreSQL (TEST_DATABASE_URL), in a schema of this test's own, dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES, autocommit=True) as connection:
+        connection.execute(f"CREATE SCHEMA {schema}")
+    yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(POSTGRES, autocommit=True) as connection:
+        connection.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -79,7 +79,7 @@ WRITER = textwrap.dedent("""
     from backend.labelstudio.outcomes import PredictedLabel
     from backend.reviews import ReviewStore
 
-    store = ReviewStore(Path(sys.argv[1]))
+    store = ReviewStore(sys.argv[1])
     ends = time.monotonic() + float(sys.argv[2])
     n = 0
     while time.monotonic() < ends and n < 100000:  # bounded in time and count
@@ -91,12 +91,15 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_review_webhooks_lose_no_rows_while_another_process_writes_the_same_database(make_client):
-    client, service = make_client(TRAIN_AFTER_ANNOTATIONS="100000", TRAIN_DEBOUNCE_SECONDS="600")
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_review_webhooks_lose_no_rows_while_another_process_writes_the_same_database(make_client, database, request):
+    on_postgres = {"DATABASE_URL": request.getfixturevalue("postgres_url")} if database == "postgresql" else {}
+    client, service = make_client(TRAIN_AFTER_ANNOTATIONS="100000", TRAIN_DEBOUNCE_SECONDS="600", **on_postgres)
+    assert service.predictor.reviews.postgres == (database == "postgresql")
     store = service.predictor.reviews
     labels = [PredictedLabel(task, box, "label", "cat", 0.7) for task in range(1, 201) for box in ("a", "b")]
     store.record_predictions(5, "v1", labels)
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(store.path), "8"], cwd=ROOT,
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, store.location, "8"], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     time.sleep(1.0)  # the other process is writing
 

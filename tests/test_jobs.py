@@ -121,3 +121,47 @@ def test_health_says_when_no_worker_serves_the_queue(redis_jobs, queue_name):
         worker.terminate()
         worker.wait(timeout=30)
     assert "no `mllm-backend worker`" in redis_jobs.problem()  # a worker that stops says goodbye
+
+
+def test_a_preannotation_run_reports_its_chunks_as_workers_finish_them(redis_jobs):
+    run = redis_jobs.preannotate(7, [1, 2, 3])
+    assert redis_jobs.status(run)["status"] == "queued" and redis_jobs.status(run)["kind"] == "preannotate"
+    assert redis_jobs.recent(7) == [run]
+    # what the planning job does once it has listed the project: 45 tasks, 40 without our prediction
+    planned = redis_jobs.queue_chunks(run, 7, list(range(1, 41)), tasks=45, model_version="m-v1")
+    assert planned == {"tasks": 45, "todo": 40, "chunks": 3}
+    chunk_jobs = [job for job in redis_jobs.queue.job_ids if job.startswith(run) and not job.endswith("-plan")]
+    assert [redis_jobs.queue.fetch_job(job).args[2] for job in sorted(chunk_jobs)] == [
+        list(range(1, 17)), list(range(17, 33)), list(range(33, 41))]  # fmt: skip
+    assert redis_jobs.status(run)["status"] == "queued" and redis_jobs.status(run)["progress"] == 0.0
+    redis_jobs.chunk_finished(run, 16, {"stored": 15, "failed": 1, "skipped": 0})
+    status = redis_jobs.status(run)
+    assert status["status"] == "started" and status["progress"] == 0.4 and status["chunks_done"] == 1
+    redis_jobs.chunk_finished(run, 16, {"stored": 16, "failed": 0, "skipped": 0})
+    redis_jobs.chunk_finished(run, 8, {"stored": 6, "failed": 0, "skipped": 2})  # two predicted since the plan
+    status = redis_jobs.status(run)
+    assert status["status"] == "finished" and status["progress"] == 1.0
+    assert status["result"] == {"tasks": 45, "skipped": 7, "stored": 37, "failed": 1, "model_version": "m-v1"}
+
+
+def test_a_chunk_that_failed_for_good_fails_the_run_with_its_error(redis_jobs):
+    run = redis_jobs.preannotate(7)
+    redis_jobs.queue_chunks(run, 7, [1, 2, 3], tasks=3, model_version="m-v1")
+    redis_jobs.chunk_failed(run, 3, "Traceback ...\nConnectionError: Label Studio is unreachable\n")
+    status = redis_jobs.status(run)
+    assert status["status"] == "failed" and status["error"] == "ConnectionError: Label Studio is unreachable"
+    assert status["result"]["failed"] == 3
+
+
+def test_a_run_whose_plan_cannot_reach_label_studio_fails_naming_the_settings(redis_jobs, queue_name, monkeypatch):
+    from rq import SimpleWorker
+
+    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLLM_MODEL", "m")
+    monkeypatch.setenv("REDIS_URL", REDIS)
+    monkeypatch.setenv("JOB_QUEUE", queue_name)
+    run = redis_jobs.preannotate(7)
+    SimpleWorker([redis_jobs.queue], connection=redis_jobs.redis).work(burst=True)
+    status = redis_jobs.status(run)
+    assert status["status"] == "failed" and "LABEL_STUDIO_URL" in status["error"]

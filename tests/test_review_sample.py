@@ -106,8 +106,10 @@ def _review(store: ReviewStore, project: int, task: int, kept: bool) -> None:
     store.record_annotation(project, task, result, annotation=task)
 
 
-def test_the_store_keeps_the_plan_and_estimates_from_its_reviewed_sample(tmp_path):
-    store = ReviewStore(tmp_path / "reviews.sqlite3", min_reviews=4)
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_the_store_keeps_the_plan_and_estimates_from_its_reviewed_sample(tmp_path, database, request):
+    location = request.getfixturevalue("postgres_url") if database == "postgresql" else tmp_path / "reviews.sqlite3"
+    store = ReviewStore(location, min_reviews=4)
     scores = [(task, 0.1 + 0.8 * task / 40) for task in range(1, 41)]
     for task, score in scores:
         _predicted(store, 9, task, score)

@@ -274,7 +274,7 @@ def run_eval(
     comparisons = compare_tasks(tasks, spec, version)
     usage, annotator, classifiers = [], {}, []
     if project is not None:
-        reviews = ReviewStore(settings.model_dir / "reviews.sqlite3")
+        reviews = ReviewStore.for_settings(settings)
         usage, annotator = reviews.usage(project, version), reviews.annotator_task_scores(project, version)
         classifiers = ClassifierVersions(settings.model_dir).versions(project)
     report = evaluate(comparisons, spec, usage, pricing, annotator, classifiers)

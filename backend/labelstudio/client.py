@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -159,6 +160,15 @@ def connect(url: str, api_key: str):
 def project_tasks(client, project: int) -> list[dict]:
     """Every task of the project as a plain dict, with its full annotations and predictions inline."""
     return [t.dict() if hasattr(t, "dict") else dict(t) for t in client.tasks.list(project=project, fields="all")]
+
+
+def tasks_by_id(client, project: int, task_ids: list[int]) -> list[dict]:
+    """These tasks of the project as plain dicts (annotations and predictions inline), in one Data Manager
+    selection rather than one request per task."""
+    # Label Studio reads a GET's selection from its "query" parameter (data_manager.functions.get_prepare_params)
+    query = json.dumps({"selectedItems": {"all": False, "included": [int(i) for i in task_ids]}})
+    tasks = client.tasks.list(project=project, fields="all", query=query)
+    return [t.dict() if hasattr(t, "dict") else dict(t) for t in tasks]
 
 
 def prediction_scores(client, project: int, model_version: str) -> list[tuple[int, float]]:

@@ -159,7 +159,7 @@ def _inclusion(settings: Settings, project: int) -> dict[int, float]:
     """Task → π for the tasks the project's latest review plan drew (ACT's loss weighs their reviews by 1/π)."""
     from backend.reviews import ReviewStore
 
-    return ReviewStore(settings.model_dir / "reviews.sqlite3", settings.calibration_min_reviews).inclusion(project)
+    return ReviewStore.for_settings(settings).inclusion(project)
 
 
 def _load_images(settings: Settings, items: Sequence[LabelledItem]) -> dict[str, Image.Image]:

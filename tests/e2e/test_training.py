@@ -79,6 +79,7 @@ def queue_env(stack: Stack, tmp_path_factory) -> dict[str, str]:
         "TRAINING_LEARNING_RATE": "0.003",
         "TRAIN_DEBOUNCE_SECONDS": "3",
         "TRAIN_AFTER_ANNOTATIONS": "1000",
+        "PREANNOTATE_CHUNK_TASKS": "8",
     }
 
 
@@ -196,6 +197,7 @@ def test_preannotate_stores_one_prediction_per_task_and_resumes(queued_backend, 
     result = wait_for_job(url, first, {"finished", "failed"})
     assert result["status"] == "finished", result
     assert result["result"]["stored"] == 30 and result["result"]["skipped"] == 0
+    assert result["chunks"] == result["chunks_done"] == 4 and result["progress"] == 1.0  # 30 tasks, 8 per chunk
     version = result["result"]["model_version"]
     for task in client.tasks.list(project=project, fields="all"):
         ours = [
