@@ -16,6 +16,7 @@ All figures come from one run on one machine, so their ratios are comparable.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import tempfile
 import time
@@ -219,10 +220,9 @@ def _through_server(tasks: int) -> dict:
 
 def _workers(tasks: int) -> dict:
     from backend.evaluation.workers import workers_bench
-    from backend.settings import Settings
     from backend.shapes.training import SHIPPED
 
-    redis_url = Settings.from_env().redis_url or "redis://127.0.0.1:6379/0"
+    redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
     with tempfile.TemporaryDirectory() as tmp:
         return workers_bench(str(SHIPPED), tasks=tasks, seed=PEER_SEED, work=Path(tmp), redis_url=redis_url)
 
