@@ -215,6 +215,7 @@ class TransformersEngine:
         self._lock = threading.Lock()
         self._option_ids = lru_cache(maxsize=65536)(partial(self._tokenize_answer, "?"))
         self._question_ids = lru_cache(maxsize=1024)(self._split_after_image)
+        self._head_ids = lru_cache(maxsize=4)(lambda head: self.tokenizer(head)["input_ids"])
 
     @classmethod
     def load(
@@ -256,7 +257,7 @@ class TransformersEngine:
         head, prefix = self._image_head(), self.chat_prefix(prompt)
         if head is None or not prefix.startswith(head):
             return None
-        head_ids = self.tokenizer(head)["input_ids"]
+        head_ids = self._head_ids(head)
         question_ids = self.tokenizer(prefix[len(head) :], add_special_tokens=False)["input_ids"]
         if not question_ids or len(question_ids) > SHARED_QUESTION_MAX_TOKENS:
             return None
