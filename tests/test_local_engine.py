@@ -205,3 +205,18 @@ def test_a_question_too_long_to_continue_a_stored_prefix_prefills_its_image_agai
     long_prompt = "Which label? " + " ".join(LABELS * 3)
     engine.score_options(crops, long_prompt, LABELS)
     assert engine.vision_passes == 4
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_llava", "tiny_idefics3"])
+def test_a_fine_name_generated_after_the_label_reuses_the_crops_vision_pass(checkpoint, request):
+    engine = TransformersEngine.load(str(request.getfixturevalue(checkpoint)), "cpu", batch_size=4)
+    unshared = TransformersEngine(engine.model, engine.processor, "unshared", batch_size=4, image_cache_mb=0)
+    crops, question = images(5, seed=41), "Name the object precisely."
+    engine.score_options(crops, PROMPT, LABELS)
+    assert engine.vision_passes == 5
+    shared = engine.generate(crops, question, max_new_tokens=6)
+    assert engine.vision_passes == 5  # generation continued the stored prefixes
+    alone = unshared.generate(crops, question, max_new_tokens=6)
+    assert [g.text for g in shared] == [g.text for g in alone] and any(g.text for g in shared)
+    for ours, theirs in zip(shared, alone, strict=True):
+        np.testing.assert_allclose(ours.token_logprobs, theirs.token_logprobs, atol=1e-4)

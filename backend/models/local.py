@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicLayer
 from backend import deadline
 from backend.deadline import DeadlineExceeded
 from backend.models.engine import EngineError, Generation, OptionScores, OptionScoring, normalise
-from backend.models.image_prefixes import ImagePrefixes, Row, image_digest, split_rows, stack_rows
+from backend.models.image_prefixes import ImagePrefixes, Prefix, image_digest, split_prefixes, stack_layers
 
 log = logging.getLogger(__name__)
 
@@ -436,25 +436,28 @@ class TransformersEngine:
         self, images: Sequence[Image.Image], head: str, question: list[int], answers: list[list[int]]
     ) -> np.ndarray:
         """Score with each image's stored prefix: only the question's tokens and the answers run here."""
-        rows = self._image_rows(images, head)
+        prefixes = self._prefixes_of(images, head)
         totals = np.empty((len(images), len(answers)), dtype=np.float64)
-        groups: dict[int, list[int]] = defaultdict(list)
-        for index, row in enumerate(rows):
-            groups[row[0][0].shape[-2]].append(index)  # equal prefix lengths batch without padding
         keep = {"logits_to_keep": 1} if self._keeps_logits else {}
-        for indices in groups.values():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                cache = DynamicCache(ddp_cache_data=stack_rows([rows[i] for i in chunk]))
-                ids = torch.tensor([question] * len(chunk), dtype=torch.long, device=self._input_device)
-                output = self._forward(input_ids=ids, past_key_values=cache, use_cache=True, prefill=True, **keep)
-                totals[chunk] = self._score_after(output, len(chunk), answers)
+        for chunk in self._equal_length_chunks(prefixes):
+            cache = DynamicCache(ddp_cache_data=stack_layers([prefixes[i] for i in chunk]))
+            ids = torch.tensor([question] * len(chunk), dtype=torch.long, device=self._input_device)
+            output = self._forward(input_ids=ids, past_key_values=cache, use_cache=True, prefill=True, **keep)
+            totals[chunk] = self._score_after(output, len(chunk), answers)
         return totals
 
-    def _image_rows(self, images: Sequence[Image.Image], head: str) -> list[Row]:
-        """Each image's prefix cache row: from the store, or one batched prefix forward for those it lacks."""
+    def _equal_length_chunks(self, prefixes: Sequence[Prefix]) -> list[list[int]]:
+        """Indices of prefixes grouped by length (so they batch without padding), at most batch_size each."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for index, prefix in enumerate(prefixes):
+            groups[prefix.length].append(index)
+        return [indices[start : start + self.batch_size] for indices in groups.values()
+                for start in range(0, len(indices), self.batch_size)]  # fmt: skip
+
+    def _prefixes_of(self, images: Sequence[Image.Image], head: str) -> list[Prefix]:
+        """Each image's prefix: from the store, or one batched prefix forward for those it lacks."""
         keys = [(image_digest(image), head) for image in images]
-        found: dict[tuple[bytes, str], Row] = {}
+        found: dict[tuple[bytes, str], Prefix] = {}
         for key in keys:
             row = self.image_prefixes.get(key)
             if row is not None:
@@ -475,7 +478,7 @@ class TransformersEngine:
                     if not all(type(layer) is DynamicLayer for layer in cache.layers):
                         raise _UnsharedCache  # e.g. sliding-window layers: they cannot be cut into rows
                     layers = [(layer.keys, layer.values) for layer in cache.layers]
-                    for i, row in zip(chunk, split_rows(layers, len(chunk)), strict=True):
+                    for i, row in zip(chunk, split_prefixes(inputs["input_ids"], layers), strict=True):
                         found[missing[i]] = row
                         self.image_prefixes.put(missing[i], row)
         return [found[key] for key in keys]
@@ -537,6 +540,13 @@ class TransformersEngine:
 
     @torch.inference_mode()
     def generate(self, images: Sequence[Image.Image], prompt: str, max_new_tokens: int = 32) -> list[Generation]:
+        split = self._question_ids(prompt) if self.shares_images else None
+        if split is not None:
+            with self._turn():
+                try:
+                    return self._generate_after_images(images, *split, max_new_tokens)
+                except _UnsharedCache:
+                    self.shares_images = False
         prefix = self.chat_prefix(prompt)
         results: list[Generation] = []
         with self._turn():
@@ -557,9 +567,35 @@ class TransformersEngine:
                 results.append(self._decode(output, inputs["input_ids"].shape[1]))
         return results
 
-    def _decode(self, output, prompt_length: int) -> Generation:
-        scores = self.model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)[0]
-        tokens = output.sequences[0, prompt_length:].tolist()
+    def _generate_after_images(
+        self, images: Sequence[Image.Image], head: str, question: tuple[int, ...], max_new_tokens: int
+    ) -> list[Generation]:
+        """Greedy answers continuing each image's stored prefix: ``generate`` prefills only the question."""
+        prefixes = self._prefixes_of(images, head)
+        results: list[Generation | None] = [None] * len(images)
+        for chunk in self._equal_length_chunks(prefixes):
+            deadline.check("generating text")
+            asked = torch.tensor([question] * len(chunk), dtype=torch.long)
+            ids = torch.cat([torch.cat([prefixes[i].ids.cpu() for i in chunk]), asked], dim=1).to(self._input_device)
+            self.forward_passes += 1
+            self.prefill_tokens += int(asked.numel())
+            output = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                past_key_values=DynamicCache(ddp_cache_data=stack_layers([prefixes[i] for i in chunk])),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=self.pad_id,
+            )
+            for row, index in enumerate(chunk):
+                results[index] = self._decode(output, ids.shape[1], row)
+        return results  # type: ignore[return-value]
+
+    def _decode(self, output, prompt_length: int, row: int = 0) -> Generation:
+        scores = self.model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)[row]
+        tokens = output.sequences[row, prompt_length:].tolist()
         eos = self.tokenizer.eos_token_id
         kept = tokens.index(eos) if eos in tokens else len(tokens)
         text = self.tokenizer.decode(tokens[:kept], skip_special_tokens=True).strip()
