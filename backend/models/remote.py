@@ -128,8 +128,9 @@ class OpenAIEngine:
     def _scrub(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
 
-    def chat(self, image: Image.Image, text: str, **options: Any) -> dict:
-        """One chat completion about one image, with retries on 429/5xx and connection errors."""
+    def chat(self, image: Image.Image | str, text: str, **options: Any) -> dict:
+        """One chat completion about one image (or its data URL, encoded once for several questions), with
+        retries on 429/5xx and connection errors."""
         self._check_cooldown()
         body = {
             "model": self.model,
@@ -137,7 +138,10 @@ class OpenAIEngine:
                 {
                     "role": "user",
                     "content": [
-                        {"type": "image_url", "image_url": {"url": image_data_url(image)}},
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": image if isinstance(image, str) else image_data_url(image)},
+                        },
                         {"type": "text", "text": text},
                     ],
                 }
@@ -223,11 +227,14 @@ class OpenAIEngine:
 
     def _score_one(self, image: Image.Image, prompt: str, options: Sequence[str]) -> tuple[np.ndarray, float]:
         """Scores for one image, and the share of its answers that were mapped from out-of-set text."""
+        image_url = image_data_url(image)  # once: the samples below send the same image
         lettered = len(options) <= len(LETTERS)
         asked_lettered = tuple(options) == LETTERS[: len(options)]  # the prompt already lists them by letter
         question = lettered_question(prompt, options) if lettered and not asked_lettered else prompt
         if lettered and self._has_logprobs is not False:
-            first = self.chat(image, question, max_tokens=4, temperature=0, logprobs=True, top_logprobs=TOP_LOGPROBS)
+            first = self.chat(
+                image_url, question, max_tokens=4, temperature=0, logprobs=True, top_logprobs=TOP_LOGPROBS
+            )
             scores = _letter_logprobs(first, len(options))
             if scores is not None:
                 self._has_logprobs = True
@@ -242,9 +249,9 @@ class OpenAIEngine:
             self._has_logprobs = False
             answers = [_content(first)]
         else:
-            answers = [_content(self.chat(image, question, max_tokens=32, temperature=0))]
+            answers = [_content(self.chat(image_url, question, max_tokens=32, temperature=0))]
         answers += [
-            _content(self.chat(image, question, max_tokens=32, temperature=1.0, seed=seed))
+            _content(self.chat(image_url, question, max_tokens=32, temperature=1.0, seed=seed))
             for seed in range(1, self.samples)
         ]
         counts = np.zeros(len(options))
