@@ -60,6 +60,7 @@ def engine_factory(
             option_scoring=settings.mllm_option_scoring,  # type: ignore[arg-type]
             prefix_cache=settings.mllm_prefix_cache,
             option_batch_size=settings.mllm_option_batch_size,
+            image_cache_mb=settings.mllm_image_cache_mb,
         )
 
     def load_remote() -> Engine:

@@ -41,6 +41,7 @@ class Settings:
     mllm_quantization: str = "none"
     mllm_option_scoring: str = "mean"
     mllm_prefix_cache: bool = True
+    mllm_image_cache_mb: int = 256
     openai_base_url: str | None = None
     openai_api_key: str | None = field(default=None, repr=False)
     openai_timeout: float = 60.0
@@ -256,6 +257,7 @@ class _Reader:
             mllm_quantization=self.choice("MLLM_QUANTIZATION", "none", QUANTIZATIONS),
             mllm_option_scoring=self.choice("MLLM_OPTION_SCORING", "mean", OPTION_SCORINGS),
             mllm_prefix_cache=self.flag("MLLM_PREFIX_CACHE", True),
+            mllm_image_cache_mb=self.integer("MLLM_IMAGE_CACHE_MB", 256, 0),
             openai_base_url=openai_url,
             openai_api_key=self.text("OPENAI_API_KEY"),
             openai_timeout=self.number("OPENAI_TIMEOUT", 60.0, 0.1),

@@ -199,3 +199,15 @@ def test_a_trickling_download_is_cut_at_the_request_deadline(make_client, trickl
     result = client.post("/predict", json={"tasks": tasks, "label_config": BOXES}).get_json()["results"][0]
     assert time.monotonic() - started < 2 + 4
     assert "timed out" in result["error"]
+
+
+@pytest.mark.parametrize(("cache_mb", "passes_per_crop"), [("256", 1), ("0", 2)])
+def test_label_and_critic_share_one_vision_pass_per_crop_unless_the_store_is_off(make_client, cache_mb,
+                                                                                  passes_per_crop):  # fmt: skip
+    client, service = make_client(CRITIC="on", MLLM_IMAGE_CACHE_MB=cache_mb)
+    engine = service.slot.get(1)
+    tasks = [boxed(i, data_url(png_bytes(noise_image(64, 48, i)))) for i in range(1, 5)]
+    before = engine.vision_passes
+    results = client.post("/predict", json={"tasks": tasks, "label_config": labels_config(3)}).get_json()["results"]
+    assert all(r["result"] and 0 < r["score"] < 1 for r in results)
+    assert engine.vision_passes - before == passes_per_crop * len(tasks)
