@@ -66,12 +66,6 @@ def run_training(settings: Settings, project: int, report: Reporter) -> dict:
     return train_project(settings, project, report)
 
 
-def run_preannotation(settings: Settings, project: int, task_ids: list[int] | None, report: Reporter) -> dict:
-    from backend.preannotate import preannotate_project
-
-    return preannotate_project(settings, _service(settings).annotator, project, task_ids, report)
-
-
 def plan_preannotation_job(run_id: str, project: int, task_ids: list[int] | None = None) -> dict:
     """rq entry point: list what is left to predict, and queue it as chunks for every worker to share."""
     from backend.preannotate import label_studio_client, plan_preannotation
@@ -143,15 +137,6 @@ def train_job(project: int) -> dict:
     stop = _rq_heartbeat()
     try:
         return run_training(settings, project, report)
-    finally:
-        stop.set()
-
-
-def preannotate_job(project: int, task_ids: list[int] | None = None) -> dict:
-    report = _rq_reporter()
-    stop = _rq_heartbeat()
-    try:
-        return run_preannotation(Settings.from_env(), project, task_ids, report)
     finally:
         stop.set()
 
@@ -350,7 +335,13 @@ class RedisJobs:
                     stage=f"{count['chunks_done']} of {count['chunks']} chunks done, {count['stored']} predictions "
                     "stored", chunks=count["chunks"], chunks_done=count["chunks_done"])  # fmt: skip
         if not finished:
-            return {**info, "status": "started" if count["tasks_done"] or self._any_started(run_id) else "queued"}
+            started = self._started_chunks(run_id)
+            stale = [time.time() - job.meta["heartbeat"] for job in started
+                     if time.time() - job.meta.get("heartbeat", time.time()) > STALE_SECONDS]  # fmt: skip
+            if stale:
+                return {**info, "status": "failed", "error": f"a worker stopped responding {max(stale):.0f} s ago; "
+                        "start the pre-annotation again to finish it (predicted tasks are skipped)"}  # fmt: skip
+            return {**info, "status": "started" if count["tasks_done"] or started else "queued"}
         skipped = count["tasks"] - count["todo"] + count["skipped_late"]
         result = {"tasks": count["tasks"], "skipped": skipped, "stored": count["stored"], "failed": count["failed"],
                   "model_version": run["model_version"]}  # fmt: skip
@@ -358,11 +349,13 @@ class RedisJobs:
             return {**info, "status": "failed", "error": run.get("error", "a chunk failed"), "result": result}
         return {**info, "status": "finished", "result": result}
 
-    def _any_started(self, run_id: str) -> bool:
+    def _started_chunks(self, run_id: str) -> list:
+        """The run's chunk jobs a worker has taken and not finished (rq Jobs, with their heartbeat in meta)."""
+        from rq.job import Job
         from rq.registry import StartedJobRegistry
 
-        started = StartedJobRegistry(self.name, connection=self.redis).get_job_ids()
-        return any(job_id.startswith(run_id) for job_id in started)
+        ids = [j for j in StartedJobRegistry(self.name, connection=self.redis).get_job_ids() if j.startswith(run_id)]
+        return [job for job in Job.fetch_many(ids, connection=self.redis) if job is not None]
 
     def _status(self, job_id: str) -> dict[str, Any] | None:
         from rq.exceptions import NoSuchJobError

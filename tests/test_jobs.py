@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from redis import Redis
 from rq import Queue
-from rq.registry import ScheduledJobRegistry
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
 from backend.jobs import LocalJobs, QueueUnavailable, RedisJobs
 from backend.settings import Settings
@@ -165,3 +165,20 @@ def test_a_run_whose_plan_cannot_reach_label_studio_fails_naming_the_settings(re
     SimpleWorker([redis_jobs.queue], connection=redis_jobs.redis).work(burst=True)
     status = redis_jobs.status(run)
     assert status["status"] == "failed" and "LABEL_STUDIO_URL" in status["error"]
+
+
+def test_a_run_whose_worker_died_mid_chunk_reports_failed_and_says_how_to_finish(redis_jobs):
+    run = redis_jobs.preannotate(7)
+    redis_jobs.queue_chunks(run, 7, list(range(1, 9)), tasks=8, model_version="m-v1")
+    chunk = Queue(redis_jobs.name, connection=redis_jobs.redis).fetch_job(f"{run}-00000")
+    redis_jobs.queue.remove(chunk)
+    chunk.meta["heartbeat"] = time.time()
+    chunk.save_meta()
+    chunk.set_status("started")  # as a worker takes it: rq 3 registers an execution of the job
+    registry = StartedJobRegistry(redis_jobs.name, connection=redis_jobs.redis)
+    redis_jobs.redis.zadd(registry.key, {f"{chunk.id}:execution-1": time.time() + 600})
+    assert redis_jobs.status(run)["status"] == "started"
+    chunk.meta["heartbeat"] = time.time() - 60  # its worker died a minute ago
+    chunk.save_meta()
+    status = redis_jobs.status(run)
+    assert status["status"] == "failed" and "start the pre-annotation again" in status["error"]
