@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -48,15 +49,18 @@ def task_crops(tasks: Iterable[dict], *, min_side: int) -> Iterator[Image.Image]
     from backend.labelstudio.regions import box_from_region, crop_box
 
     for task in tasks:
-        encoded = task["data"]["image"].split(",", 1)[1]
-        image = Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")
+        image = _task_image(task)
         for region in (task.get("annotations") or [{"result": []}])[0]["result"]:
             yield crop_box(image, box_from_region(region), 0.0, min_side)
 
 
 def task_images(tasks: Iterable[dict]) -> Iterator[Image.Image]:
-    for task in tasks:
-        yield Image.open(io.BytesIO(base64.b64decode(task["data"]["image"].split(",", 1)[1]))).convert("RGB")
+    return map(_task_image, tasks)
+
+
+def _task_image(task: dict) -> Image.Image:
+    encoded = task["data"]["image"].split(",", 1)[1]  # a data URL, as the shapes world writes them
+    return Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")
 
 
 def parse_label(text: str, labels: Sequence[str]) -> str | None:
@@ -132,8 +136,6 @@ def _micro_f1(found: Sequence[set[str]], truth: Sequence[set[str]]) -> float:
 
 
 def _timed(run):
-    import time
-
     start = time.perf_counter()
     value = run()
     return value, time.perf_counter() - start
