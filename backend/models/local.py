@@ -7,7 +7,7 @@ import inspect
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -395,13 +395,8 @@ class TransformersEngine:
 
     def _score_with_prefix_cache(self, prompts: list[dict], answers: list[list[int]]) -> np.ndarray:
         totals = np.empty((len(prompts), len(answers)), dtype=np.float64)
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for index, prompt in enumerate(prompts):
-            groups[_prefix_group(prompt)].append(index)
-        for indices in groups.values():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                totals[chunk] = self._score_chunk([prompts[i] for i in chunk], answers)
+        for chunk in self._batches([_prefix_group(prompt) for prompt in prompts]):
+            totals[chunk] = self._score_chunk([prompts[i] for i in chunk], answers)
         return totals
 
     def _score_chunk(self, prompts: list[dict], answers: list[list[int]]) -> np.ndarray:
@@ -439,18 +434,18 @@ class TransformersEngine:
         prefixes = self._prefixes_of(images, head)
         totals = np.empty((len(images), len(answers)), dtype=np.float64)
         keep = {"logits_to_keep": 1} if self._keeps_logits else {}
-        for chunk in self._equal_length_chunks(prefixes):
+        for chunk in self._batches([prefix.length for prefix in prefixes]):
             cache = DynamicCache(ddp_cache_data=stack_layers([prefixes[i] for i in chunk]))
             ids = torch.tensor([question] * len(chunk), dtype=torch.long, device=self._input_device)
             output = self._forward(input_ids=ids, past_key_values=cache, use_cache=True, prefill=True, **keep)
             totals[chunk] = self._score_after(output, len(chunk), answers)
         return totals
 
-    def _equal_length_chunks(self, prefixes: Sequence[Prefix]) -> list[list[int]]:
-        """Indices of prefixes grouped by length (so they batch without padding), at most batch_size each."""
-        groups: dict[int, list[int]] = defaultdict(list)
-        for index, prefix in enumerate(prefixes):
-            groups[prefix.length].append(index)
+    def _batches(self, shapes: Sequence[Hashable]) -> list[list[int]]:
+        """Indices grouped by shape (equal shapes batch without padding), at most ``batch_size`` per batch."""
+        groups: dict[Hashable, list[int]] = defaultdict(list)
+        for index, shape in enumerate(shapes):
+            groups[shape].append(index)
         return [indices[start : start + self.batch_size] for indices in groups.values()
                 for start in range(0, len(indices), self.batch_size)]  # fmt: skip
 
@@ -459,28 +454,23 @@ class TransformersEngine:
         keys = [(image_digest(image), head) for image in images]
         found: dict[tuple[bytes, str], Prefix] = {}
         for key in keys:
-            row = self.image_prefixes.get(key)
-            if row is not None:
-                found[key] = row
+            stored = self.image_prefixes.get(key)
+            if stored is not None:
+                found[key] = stored
         missing = list(dict.fromkeys(k for k, image in zip(keys, images, strict=True) if k not in found))
         if missing:
             first_image = {key: images[keys.index(key)] for key in missing}
             prompts = self._encode_prompts([first_image[key] for key in missing], head)
-            groups: dict[tuple, list[int]] = defaultdict(list)
-            for index, prompt in enumerate(prompts):
-                groups[_prefix_group(prompt)].append(index)
-            for indices in groups.values():
-                for start in range(0, len(indices), self.batch_size):
-                    chunk = indices[start : start + self.batch_size]
-                    inputs = self._to_model(_collate([_Row(prompts[i], []) for i in chunk], self.pad_id))
-                    keep = {"logits_to_keep": 1} if self._keeps_logits else {}
-                    cache = self._forward(**inputs, prefill=True, use_cache=True, **keep).past_key_values
-                    if not all(type(layer) is DynamicLayer for layer in cache.layers):
-                        raise _UnsharedCache  # e.g. sliding-window layers: they cannot be cut into rows
-                    layers = [(layer.keys, layer.values) for layer in cache.layers]
-                    for i, row in zip(chunk, split_prefixes(inputs["input_ids"], layers), strict=True):
-                        found[missing[i]] = row
-                        self.image_prefixes.put(missing[i], row)
+            keep = {"logits_to_keep": 1} if self._keeps_logits else {}
+            for chunk in self._batches([_prefix_group(prompt) for prompt in prompts]):
+                inputs = self._to_model(_collate([_Row(prompts[i], []) for i in chunk], self.pad_id))
+                cache = self._forward(**inputs, prefill=True, use_cache=True, **keep).past_key_values
+                if not all(type(layer) is DynamicLayer for layer in cache.layers):
+                    raise _UnsharedCache  # e.g. sliding-window layers: they cannot be cut into rows
+                layers = [(layer.keys, layer.values) for layer in cache.layers]
+                for i, prefix in zip(chunk, split_prefixes(inputs["input_ids"], layers), strict=True):
+                    found[missing[i]] = prefix
+                    self.image_prefixes.put(missing[i], prefix)
         return [found[key] for key in keys]
 
     def _continue_options_tree(self, cache, n_images: int, answers: list[list[int]]) -> np.ndarray:
@@ -573,7 +563,7 @@ class TransformersEngine:
         """Greedy answers continuing each image's stored prefix: ``generate`` prefills only the question."""
         prefixes = self._prefixes_of(images, head)
         results: list[Generation | None] = [None] * len(images)
-        for chunk in self._equal_length_chunks(prefixes):
+        for chunk in self._batches([prefix.length for prefix in prefixes]):
             deadline.check("generating text")
             asked = torch.tensor([question] * len(chunk), dtype=torch.long)
             ids = torch.cat([torch.cat([prefixes[i].ids.cpu() for i in chunk]), asked], dim=1).to(self._input_device)
