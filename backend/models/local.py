@@ -355,7 +355,7 @@ class TransformersEngine:
             head, question = split
             with self._turn():
                 try:
-                    summed = self._score_after_images(images, head, list(question), answers)
+                    summed = self._score_after_images(images, prompt, head, list(question), answers)
                 except _UnsharedCache:
                     self.shares_images = False
         if summed is None:
@@ -428,18 +428,54 @@ class TransformersEngine:
         return totals
 
     def _score_after_images(
-        self, images: Sequence[Image.Image], head: str, question: list[int], answers: list[list[int]]
+        self, images: Sequence[Image.Image], prompt: str, head: str, question: list[int], answers: list[list[int]]
     ) -> np.ndarray:
-        """Score with each image's stored prefix: only the question's tokens and the answers run here."""
-        prefixes = self._prefixes_of(images, head)
+        """Score, keeping each image's prefix: an image seen before continues its stored prefix (only the question
+        and the answers run); a new one runs whole, once, and its prefix is cut from that cache and stored."""
+        keys = [(image_digest(image), head) for image in images]
+        stored = {key: prefix for key in set(keys) if (prefix := self.image_prefixes.get(key)) is not None}
+        totals = np.empty((len(images), len(answers)), dtype=np.float64)
+        new = list(dict.fromkeys(key for key in keys if key not in stored))
+        if new:
+            first = [images[keys.index(key)] for key in new]
+            scores = self._score_storing_prefixes(first, new, self.chat_prefix(prompt), len(question), answers)
+            for key, row in zip(new, scores, strict=True):
+                totals[[i for i, k in enumerate(keys) if k == key]] = row
+        known = [i for i, key in enumerate(keys) if key in stored]
+        keep = {"logits_to_keep": 1} if self._keeps_logits else {}
+        for chunk in self._batches([stored[keys[i]].length for i in known]):
+            rows = [known[c] for c in chunk]
+            cache = DynamicCache(ddp_cache_data=stack_layers([stored[keys[i]] for i in rows]))
+            ids = torch.tensor([question] * len(rows), dtype=torch.long, device=self._input_device)
+            output = self._forward(input_ids=ids, past_key_values=cache, use_cache=True, prefill=True, **keep)
+            totals[rows] = self._score_after(output, len(rows), answers)
+        return totals
+
+    def _score_storing_prefixes(
+        self, images: Sequence[Image.Image], keys: list, prefix: str, question_length: int, answers: list[list[int]]
+    ) -> np.ndarray:
+        """Score images not seen before, whole prompt in one forward, and store each image's prefix from it."""
+        prompts = self._encode_prompts(images, prefix)
         totals = np.empty((len(images), len(answers)), dtype=np.float64)
         keep = {"logits_to_keep": 1} if self._keeps_logits else {}
-        for chunk in self._batches([prefix.length for prefix in prefixes]):
-            cache = DynamicCache(ddp_cache_data=stack_layers([prefixes[i] for i in chunk]))
-            ids = torch.tensor([question] * len(chunk), dtype=torch.long, device=self._input_device)
-            output = self._forward(input_ids=ids, past_key_values=cache, use_cache=True, prefill=True, **keep)
+        for chunk in self._batches([_prefix_group(prompt) for prompt in prompts]):
+            inputs = self._to_model(_collate([_Row(prompts[i], []) for i in chunk], self.pad_id))
+            output = self._forward(**inputs, prefill=True, use_cache=True, **keep)
+            self._store_prefixes(output.past_key_values, inputs["input_ids"], [keys[i] for i in chunk], question_length)
             totals[chunk] = self._score_after(output, len(chunk), answers)
         return totals
+
+    def _store_prefixes(self, cache, ids: torch.Tensor, keys: list, question_length: int) -> list[Prefix]:
+        """Cut each row's image prefix (all but the last ``question_length`` tokens: a causal cache's earlier
+        positions do not depend on later ones) out of a prompt's cache, and store it under its key."""
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            raise _UnsharedCache  # e.g. sliding-window layers: they cannot be cut into rows
+        length = ids.shape[1] - question_length
+        layers = [(layer.keys[..., :length, :], layer.values[..., :length, :]) for layer in cache.layers]
+        prefixes = split_prefixes(ids[:, :length], layers)
+        for key, prefix in zip(keys, prefixes, strict=True):
+            self.image_prefixes.put(key, prefix)
+        return prefixes
 
     def _batches(self, shapes: Sequence[Hashable]) -> list[list[int]]:
         """Indices grouped by shape (equal shapes batch without padding), at most ``batch_size`` per batch."""
@@ -452,25 +488,17 @@ class TransformersEngine:
     def _prefixes_of(self, images: Sequence[Image.Image], head: str) -> list[Prefix]:
         """Each image's prefix: from the store, or one batched prefix forward for those it lacks."""
         keys = [(image_digest(image), head) for image in images]
-        found: dict[tuple[bytes, str], Prefix] = {}
-        for key in keys:
-            stored = self.image_prefixes.get(key)
-            if stored is not None:
-                found[key] = stored
-        missing = list(dict.fromkeys(k for k, image in zip(keys, images, strict=True) if k not in found))
+        found = {key: prefix for key in set(keys) if (prefix := self.image_prefixes.get(key)) is not None}
+        missing = list(dict.fromkeys(key for key in keys if key not in found))
         if missing:
-            first_image = {key: images[keys.index(key)] for key in missing}
-            prompts = self._encode_prompts([first_image[key] for key in missing], head)
+            prompts = self._encode_prompts([images[keys.index(key)] for key in missing], head)
             keep = {"logits_to_keep": 1} if self._keeps_logits else {}
             for chunk in self._batches([_prefix_group(prompt) for prompt in prompts]):
                 inputs = self._to_model(_collate([_Row(prompts[i], []) for i in chunk], self.pad_id))
                 cache = self._forward(**inputs, prefill=True, use_cache=True, **keep).past_key_values
-                if not all(type(layer) is DynamicLayer for layer in cache.layers):
-                    raise _UnsharedCache  # e.g. sliding-window layers: they cannot be cut into rows
-                layers = [(layer.keys, layer.values) for layer in cache.layers]
-                for i, prefix in zip(chunk, split_prefixes(inputs["input_ids"], layers), strict=True):
-                    found[missing[i]] = prefix
-                    self.image_prefixes.put(missing[i], prefix)
+                chunk_keys = [missing[i] for i in chunk]
+                stored = self._store_prefixes(cache, inputs["input_ids"], chunk_keys, 0)
+                found.update(zip(chunk_keys, stored, strict=True))
         return [found[key] for key in keys]
 
     def _continue_options_tree(self, cache, n_images: int, answers: list[list[int]]) -> np.ndarray:
