@@ -26,8 +26,14 @@ REQUIRED = (
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
+    from backend.labelstudio.outcomes import PredictedLabel
+    from backend.reviews import ReviewStore
+
     out = tmp_path_factory.mktemp("quality")
+    stale = ReviewStore(out / "state" / "reviews.sqlite3")  # an earlier run's store in the same folder
+    stale.record_predictions(1, "stale", [PredictedLabel(99999, "r", "label", "circle", 0.5)], annotator=[0.5])
     run_quality(out, tasks=80, seed=2001, model=str(SHIPPED), log=lambda _: None)
+    assert ReviewStore(out / "state" / "reviews.sqlite3").annotator_task_scores(1, "stale") == {}, "state reused"
     return json.loads((out / "report.json").read_text())
 
 

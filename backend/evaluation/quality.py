@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -524,6 +525,8 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = prin
     from backend.settings import Settings
 
     out = Path(out)
+    for stale in out.glob("state*"):  # a previous run's reviews would calibrate this run's "raw" scores
+        shutil.rmtree(stale)
     world = write_world(out / "world", tasks=tasks, seed=seed)
     images, shapes = _images_and_shapes(world)
     boxes = len(shapes)
