@@ -42,7 +42,8 @@ lint: install
 test: install lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
-# Engine figures on the tiny checkpoint, as JSON (bench-results/engine.json).
+# The engine (tiny checkpoint), this backend against its peers (shapes model), through transformers serve, and
+# 1 vs 2 pre-annotation workers (Redis, and a Label Studio installed on first use): bench-results/engine.json.
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/mllm-backend bench --out bench-results/engine.json
 
