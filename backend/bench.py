@@ -202,29 +202,12 @@ PEER_TASKS, PEER_SEED = 40, 2600  # a held-out world (the shapes model trained o
 WORKER_TASKS = 96  # pre-annotated through Label Studio with 1, then 2 workers
 
 
-def _against_peers(tasks: int) -> dict:
-    from backend.evaluation.peers import run_peers
+def _on_the_shapes_model(measure: Callable[..., dict], **options: object) -> dict:
+    """``measure`` (one of backend.evaluation's comparisons) on the shipped shapes model and the held-out world."""
     from backend.shapes.training import SHIPPED
 
     with tempfile.TemporaryDirectory() as tmp:
-        return run_peers(str(SHIPPED), tasks=tasks, seed=PEER_SEED, work=Path(tmp))
-
-
-def _through_server(tasks: int) -> dict:
-    from backend.evaluation.through_server import openai_vs_direct
-    from backend.shapes.training import SHIPPED
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return openai_vs_direct(str(SHIPPED), tasks=tasks, seed=PEER_SEED, work=Path(tmp))
-
-
-def _workers(tasks: int) -> dict:
-    from backend.evaluation.workers import workers_bench
-    from backend.shapes.training import SHIPPED
-
-    redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
-    with tempfile.TemporaryDirectory() as tmp:
-        return workers_bench(str(SHIPPED), tasks=tasks, seed=PEER_SEED, work=Path(tmp), redis_url=redis_url)
+        return measure(str(SHIPPED), seed=PEER_SEED, work=Path(tmp), **options)
 
 
 def run_bench(repeats: int = 15, checkpoint: Path | None = None, peer_tasks: int = PEER_TASKS) -> dict:
@@ -246,9 +229,14 @@ def run_bench(repeats: int = 15, checkpoint: Path | None = None, peer_tasks: int
         )
         request = _request_forward_passes(path, engine)
         end_to_end = _end_to_end(path, engine)
-    shapes = _against_peers(peer_tasks)
-    server = _through_server(max(2, peer_tasks // 4))
-    workers = _workers(WORKER_TASKS)
+    from backend.evaluation.peers import run_peers
+    from backend.evaluation.through_server import openai_vs_direct
+    from backend.evaluation.workers import workers_bench
+
+    shapes = _on_the_shapes_model(run_peers, tasks=peer_tasks)
+    server = _on_the_shapes_model(openai_vs_direct, tasks=max(2, peer_tasks // 4))
+    redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    workers = _on_the_shapes_model(workers_bench, tasks=WORKER_TASKS, redis_url=redis_url)
     return {
         "machine": {
             "platform": platform.platform(),
