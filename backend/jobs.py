@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -489,17 +490,36 @@ def make_queue(settings: Settings, annotator_factory: Callable[[], Any] | None =
     return RedisJobs(settings) if settings.redis_url else LocalJobs(settings, annotator_factory)
 
 
-def run_worker(settings: Settings) -> None:
-    """`mllm-backend worker`: take jobs from Redis until stopped (with the scheduler for debounced runs)."""
+def _in_process_worker_class():
     from rq import SimpleWorker
 
+    class InProcessWorker(SimpleWorker):
+        """rq's worker that runs jobs in its own process, not a forked work horse per job: the MLLM the first
+        pre-annotation chunk loads stays loaded for the next (a horse would load it again for every chunk, and a
+        forked CUDA context cannot be used at all).
+
+        rq registers a worker before it installs its signal handlers; a SIGTERM in between would kill it still
+        registered, and /health would count a dead worker. Until rq's handlers are in, a signal only asks the
+        loop to stop, so the worker leaves cleanly.
+        """
+
+        def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._stop_when_started)
+            super().bootstrap(*args, **kwargs)
+
+        def _stop_when_started(self, signum: int, frame: object) -> None:
+            self._stop_requested = True  # rq's loop checks it before taking a job
+
+    return InProcessWorker
+
+
+def run_worker(settings: Settings) -> None:
+    """`mllm-backend worker`: take jobs from Redis until stopped (with the scheduler for debounced runs)."""
     if not settings.redis_url:
         raise SystemExit("mllm-backend worker needs REDIS_URL, e.g. redis://127.0.0.1:6379/0")
-    import torch  # noqa: F401  -- imported once here, every forked work horse inherits it
+    import torch  # noqa: F401  -- imported once, before the first job waits for it
     import transformers  # noqa: F401
 
     queue = RedisJobs(settings).queue
-    # Jobs run in this process, not a forked work horse per job: the MLLM the first pre-annotation chunk loads
-    # stays loaded for the next chunk (a horse would load it again for every chunk, and a forked CUDA context
-    # cannot be used at all).
-    SimpleWorker([queue], connection=queue.connection).work(with_scheduler=True)
+    _in_process_worker_class()([queue], connection=queue.connection).work(with_scheduler=True)
