@@ -84,11 +84,13 @@ class _Outcome:
 
 @dataclass(frozen=True)
 class Answer:
-    """One prediction (or per-task error) per task, and the positions of the tasks the deadline left unpredicted
-    (their entries are errors saying so): what the server hands to background pre-annotation."""
+    """One prediction (or per-task error) per task, the positions of the tasks the deadline left unpredicted
+    (their entries are errors saying so: what the server hands to background pre-annotation), and the
+    model_version every entry carries."""
 
     predictions: list[dict | list]
     late: list[int]
+    model_version: str
 
 
 @dataclass
@@ -207,6 +209,7 @@ class Predictor:
         """
         spec = self.spec(label_config)
         engine = self.slot.get(deadline.bounded(self.settings.predict_wait_seconds))
+        version = self.model_version()  # once: every entry of one answer carries the same version
         site = self.sites.for_project(project)
         pid = project_id(project)
         outcomes = [_Outcome(task.get("id") if isinstance(task, dict) else None) for task in tasks]
@@ -220,11 +223,10 @@ class Predictor:
             if prepared is None:
                 continue
             if chunk.tasks and chunk.pixels + prepared.pixels > self.settings.predict_max_pixels:
-                self._annotate_chunk(engine, chunk, outcomes, predictions, pid)
+                self._annotate_chunk(engine, chunk, outcomes, predictions, pid, version)
                 chunk = _Chunk()
             chunk.add(prepared)
-        self._annotate_chunk(engine, chunk, outcomes, predictions, pid)
-        version = self.model_version()
+        self._annotate_chunk(engine, chunk, outcomes, predictions, pid, version)
         for index, outcome in enumerate(outcomes):
             if outcome.error:
                 predictions[index] = {"model_version": version, "error": f"task {str(outcome.task_id)[:40]}: "
@@ -232,11 +234,13 @@ class Predictor:
             elif predictions[index]:
                 predictions[index] = {"model_version": version, **predictions[index]}  # type: ignore[dict-item]
         self.telemetry.predictions.inc(sum(1 for p in predictions if isinstance(p, dict) and "result" in p))
-        return Answer(predictions, [index for index, outcome in enumerate(outcomes) if outcome.reason == "deadline"])
+        late = [index for index, outcome in enumerate(outcomes) if outcome.reason == "deadline"]
+        return Answer(predictions, late, version)
 
     def _annotate_chunk(
-        self, engine: Engine, chunk: _Chunk, outcomes: list[_Outcome], predictions: list, project: int | None
-    ) -> None:
+        self, engine: Engine, chunk: _Chunk, outcomes: list[_Outcome], predictions: list, project: int | None,
+        version: str,
+    ) -> None:  # fmt: skip
         if not chunk.tasks:
             return
         started, tokens_before = time.perf_counter(), getattr(engine, "tokens_processed", 0)
@@ -254,7 +258,7 @@ class Predictor:
         seconds = time.perf_counter() - started
         self.telemetry.model_seconds.observe(seconds)
         tokens = getattr(engine, "tokens_processed", 0) - tokens_before
-        self._remember(project, self.model_version(), [outcomes[i] for i in chunk.tasks], scored, seconds, tokens)
+        self._remember(project, version, [outcomes[i] for i in chunk.tasks], scored, seconds, tokens)
 
     def _ask(self, engine: Engine, chunk: _Chunk, outcomes: list[_Outcome], project: int | None) -> None:
         """Each handler's questions, batched across the chunk, in registry order (see ``backend.controls``)."""
@@ -433,10 +437,9 @@ class Predictor:
         mine = [s for s in scored if id(s.output) in task_of]
         labels = [PredictedLabel(task_of[id(s.output)], s.output.result_id, s.output.control, s.predicted.label, s.raw)
                   for s in mine]  # fmt: skip
-        self.reviews.record_predictions(project, version, labels, [s.predicted.signals.annotator for s in mine],
-                                        [s.output.out_of_set for s in mine])  # fmt: skip
         usage = [(int(o.task_id), seconds / len(done), 1, _regions_labelled(o), tokens // len(done)) for o in done]
-        self.reviews.record_usage(project, version, usage)
+        self.reviews.record_predictions(project, version, labels, [s.predicted.signals.annotator for s in mine],
+                                        [s.output.out_of_set for s in mine], usage=usage)  # fmt: skip
 
     def _model_failed(self, outcome: _Outcome, exc: Exception) -> None:
         log.warning("model failed on task %s: %s", outcome.task_id, _describe(exc))

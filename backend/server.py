@@ -185,7 +185,7 @@ def create_app(service: Service) -> Flask:
                                                   context=asked.context)  # fmt: skip
         finally:
             admission.release()
-        version = predictor.model_version()
+        version = answer.model_version
         results: list[dict | list] = [*answer.predictions, *([] for _ in asked.tasks[len(now) :])]
         if asked.context is not None and len(results) == 1 and isinstance(results[0], dict) and "error" in results[0]:
             # interactive: Label Studio's editor shows an HTTP error's status line, and nothing for an error body

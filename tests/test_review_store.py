@@ -58,3 +58,9 @@ def test_database_url_selects_postgresql_and_a_wrong_one_is_refused_without_echo
     with pytest.raises(SettingsError) as refused:
         Settings.from_env({"MLLM_MODEL": "m", "DATABASE_URL": "mysql://root:hunter2@db/x"})
     assert "hunter2" not in str(refused.value) and "postgresql://" in str(refused.value)
+
+
+def test_a_requests_labels_and_usage_are_written_together(store):
+    store.record_predictions(6, "v1", [PredictedLabel(1, "a", "label", "cat", 0.5)], usage=[(1, 0.5, 1, 1, 10)])
+    assert store.usage(6, "v1") == [{"task": 1, "seconds": 0.5, "images": 1, "boxes": 1, "tokens": 10}]
+    assert store.outcomes(6) == ([], [])  # predicted, not reviewed yet
