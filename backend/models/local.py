@@ -393,17 +393,23 @@ class TransformersEngine:
             totals.append(float(logprobs[i, positions, torch.tensor(row.answer)].sum()))
         return totals
 
-    def _score_with_prefix_cache(self, prompts: list[dict], answers: list[list[int]]) -> np.ndarray:
+    def _score_with_prefix_cache(
+        self, prompts: list[dict], answers: list[list[int]], storing: tuple[list, int] | None = None
+    ) -> np.ndarray:
+        """Equal-length prompts in one forward each; the options then read its KV cache. With ``storing``
+        (each prompt's store key, and the question's length in tokens), each image's prefix is cut from that
+        cache and kept for the next question about it."""
         totals = np.empty((len(prompts), len(answers)), dtype=np.float64)
-        for chunk in self._batches([_prefix_group(prompt) for prompt in prompts]):
-            totals[chunk] = self._score_chunk([prompts[i] for i in chunk], answers)
-        return totals
-
-    def _score_chunk(self, prompts: list[dict], answers: list[list[int]]) -> np.ndarray:
-        """Equal-length prefixes in one forward; options then read the shared KV cache."""
-        inputs = self._to_model(_collate([_Row(p, []) for p in prompts], self.pad_id))
         keep = {"logits_to_keep": 1} if self._keeps_logits else {}
-        return self._score_after(self._forward(**inputs, prefill=True, use_cache=True, **keep), len(prompts), answers)
+        for chunk in self._batches([_prefix_group(prompt) for prompt in prompts]):
+            inputs = self._to_model(_collate([_Row(prompts[i], []) for i in chunk], self.pad_id))
+            output = self._forward(**inputs, prefill=True, use_cache=True, **keep)
+            if storing is not None:
+                keys, question_length = storing
+                self._store_prefixes(output.past_key_values, inputs["input_ids"], [keys[i] for i in chunk],
+                                     question_length)  # fmt: skip
+            totals[chunk] = self._score_after(output, len(chunk), answers)
+        return totals
 
     def _score_after(self, output, n_images: int, answers: list[list[int]]) -> np.ndarray:
         """Every answer's log-probability after a prefix forward of ``n_images`` rows (its logits and cache)."""
@@ -437,8 +443,8 @@ class TransformersEngine:
         totals = np.empty((len(images), len(answers)), dtype=np.float64)
         new = list(dict.fromkeys(key for key in keys if key not in stored))
         if new:
-            first = [images[keys.index(key)] for key in new]
-            scores = self._score_storing_prefixes(first, new, self.chat_prefix(prompt), len(question), answers)
+            prompts = self._encode_prompts([images[keys.index(key)] for key in new], self.chat_prefix(prompt))
+            scores = self._score_with_prefix_cache(prompts, answers, storing=(new, len(question)))
             for key, row in zip(new, scores, strict=True):
                 totals[[i for i, k in enumerate(keys) if k == key]] = row
         known = [i for i, key in enumerate(keys) if key in stored]
@@ -449,20 +455,6 @@ class TransformersEngine:
             ids = torch.tensor([question] * len(rows), dtype=torch.long, device=self._input_device)
             output = self._forward(input_ids=ids, past_key_values=cache, use_cache=True, prefill=True, **keep)
             totals[rows] = self._score_after(output, len(rows), answers)
-        return totals
-
-    def _score_storing_prefixes(
-        self, images: Sequence[Image.Image], keys: list, prefix: str, question_length: int, answers: list[list[int]]
-    ) -> np.ndarray:
-        """Score images not seen before, whole prompt in one forward, and store each image's prefix from it."""
-        prompts = self._encode_prompts(images, prefix)
-        totals = np.empty((len(images), len(answers)), dtype=np.float64)
-        keep = {"logits_to_keep": 1} if self._keeps_logits else {}
-        for chunk in self._batches([_prefix_group(prompt) for prompt in prompts]):
-            inputs = self._to_model(_collate([_Row(prompts[i], []) for i in chunk], self.pad_id))
-            output = self._forward(**inputs, prefill=True, use_cache=True, **keep)
-            self._store_prefixes(output.past_key_values, inputs["input_ids"], [keys[i] for i in chunk], question_length)
-            totals[chunk] = self._score_after(output, len(chunk), answers)
         return totals
 
     def _store_prefixes(self, cache, ids: torch.Tensor, keys: list, question_length: int) -> list[Prefix]:
