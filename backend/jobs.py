@@ -33,6 +33,12 @@ RUN_TTL = 7 * 86400  # how long a finished job's status stays readable
 Reporter = Callable[[float, str], None]
 
 
+def _last_line(traceback: str) -> str:
+    """A traceback's last line (the exception and its message), or "" for an empty one."""
+    lines = traceback.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 class QueueUnavailable(RuntimeError):
     """The job queue cannot take work; the message says why (never with credentials)."""
 
@@ -306,10 +312,9 @@ class RedisJobs:
 
     def chunk_failed(self, run_id: str, size: int, error: str) -> None:
         key = self._run_key(run_id)
-        last = error.strip().splitlines()[-1] if error.strip() else "a chunk failed"
         with self.redis.pipeline() as pipe:
             pipe.hincrby(key, "failed", size).hincrby(key, "tasks_done", size).hincrby(key, "chunks_failed", 1)
-            pipe.hset(key, "error", last[:500]).execute()
+            pipe.hset(key, "error", (_last_line(error) or "a chunk failed")[:500]).execute()
 
     def recent(self, project: int) -> list[str]:
         return [j.decode() for j in self._guard(lambda: self.redis.lrange(f"{self.name}:jobs:{project}", 0, 19))]
@@ -336,12 +341,11 @@ class RedisJobs:
                     stage=f"{count['chunks_done']} of {count['chunks']} chunks done, {count['stored']} predictions "
                     "stored", chunks=count["chunks"], chunks_done=count["chunks_done"])  # fmt: skip
         if not finished:
-            started = self._started_chunks(run_id)
-            stale = [time.time() - job.meta["heartbeat"] for job in started
-                     if time.time() - job.meta.get("heartbeat", time.time()) > STALE_SECONDS]  # fmt: skip
-            if stale:
-                return {**info, "status": "failed", "error": f"a worker stopped responding {max(stale):.0f} s ago; "
-                        "start the pre-annotation again to finish it (predicted tasks are skipped)"}  # fmt: skip
+            started = [self._status(job_id) for job_id in self._started_chunks(run_id)]
+            lost = [chunk for chunk in started if chunk is not None and chunk["status"] == "failed"]  # see _status
+            if lost:
+                return {**info, "status": "failed", "error": f"{lost[0]['error']}; start the pre-annotation again to "
+                        "finish it (predicted tasks are skipped)"}  # fmt: skip
             return {**info, "status": "started" if count["tasks_done"] or started else "queued"}
         skipped = count["tasks"] - count["todo"] + count["skipped_late"]
         result = {"tasks": count["tasks"], "skipped": skipped, "stored": count["stored"], "failed": count["failed"],
@@ -350,13 +354,11 @@ class RedisJobs:
             return {**info, "status": "failed", "error": run.get("error", "a chunk failed"), "result": result}
         return {**info, "status": "finished", "result": result}
 
-    def _started_chunks(self, run_id: str) -> list:
-        """The run's chunk jobs a worker has taken and not finished (rq Jobs, with their heartbeat in meta)."""
-        from rq.job import Job
+    def _started_chunks(self, run_id: str) -> list[str]:
+        """The ids of the run's chunk jobs a worker has taken and not finished."""
         from rq.registry import StartedJobRegistry
 
-        ids = [j for j in StartedJobRegistry(self.name, connection=self.redis).get_job_ids() if j.startswith(run_id)]
-        return [job for job in Job.fetch_many(ids, connection=self.redis) if job is not None]
+        return [j for j in StartedJobRegistry(self.name, connection=self.redis).get_job_ids() if j.startswith(run_id)]
 
     def _status(self, job_id: str) -> dict[str, Any] | None:
         from rq.exceptions import NoSuchJobError
@@ -379,7 +381,7 @@ class RedisJobs:
         elif state == "finished":
             info["result"] = job.return_value()
         elif state == "failed" and job.exc_info:
-            info["error"] = job.exc_info.strip().splitlines()[-1]
+            info["error"] = _last_line(job.exc_info)
         return info
 
 
