@@ -88,7 +88,7 @@ class ReviewStore:
         self.postgres = self.location.startswith(("postgresql://", "postgres://"))
         if self.postgres:
             self.name = "PostgreSQL review store"  # never the URL: it may carry a password
-            self._db = _Postgres(str(location))
+            self._db = _Postgres(self.location)
         else:
             path = Path(location)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,8 +154,8 @@ class ReviewStore:
         out_of_set: Sequence[str | None] = (), usage: Sequence[tuple[int, float, int, int, int]] = (),
     ) -> None:  # fmt: skip
         """Each predicted label's raw score, the annotator's own confidence in it, and the open-world answer it was
-        mapped from when no label was similar enough (an out-of-set suggestion); with ``usage`` (see
-        :meth:`record_usage`), in the same transaction: one commit per request."""
+        mapped from when no label was similar enough (an out-of-set suggestion); and ``usage``, (task, model
+        seconds, images, boxes, tokens) per predicted task for the cost report. One transaction per request."""
         confidences = list(annotator) or [None] * len(labels)
         suggestions = list(out_of_set) or [None] * len(labels)
         rows = [(project, p.task, p.region, p.control, p.label, p.raw, model_version, time.time(), a, s)
@@ -166,8 +166,12 @@ class ReviewStore:
                            "region, control, label) DO UPDATE SET raw = excluded.raw, model_version = "
                            "excluded.model_version, at = excluded.at, annotator = excluded.annotator, out_of_set = "
                            "excluded.out_of_set", rows)  # fmt: skip
-            if usage:
-                self._write_usage(db, project, model_version, usage)
+            db.executemany(
+                "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (project, task, model_version) "
+                "DO UPDATE SET seconds = excluded.seconds, images = excluded.images, boxes = excluded.boxes, "
+                "tokens = excluded.tokens, at = excluded.at",
+                [(project, task, model_version, s, i, b, t, time.time()) for task, s, i, b, t in usage],
+            )
 
     def suggestions(self, project: int, model_version: str | None = None) -> list[dict]:
         """The project's out-of-set answers (candidate new classes), most frequent first: the answer as first
@@ -185,20 +189,6 @@ class ReviewStore:
             if task not in entry["tasks"] and len(entry["tasks"]) < SUGGESTION_TASKS:
                 entry["tasks"].append(task)
         return sorted(grouped.values(), key=lambda entry: (-entry["count"], entry["text"]))
-
-    def record_usage(self, project: int, model_version: str, rows: Sequence[tuple[int, float, int, int, int]]) -> None:
-        """(task, model seconds, images, boxes, tokens) per predicted task, for the cost report."""
-        with self._writing() as db:
-            self._write_usage(db, project, model_version, rows)
-
-    @staticmethod
-    def _write_usage(db, project: int, model_version: str, rows: Sequence[tuple[int, float, int, int, int]]) -> None:  # noqa: ANN001 -- sqlite3 or _Postgres
-        db.executemany(
-            "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (project, task, model_version) "
-            "DO UPDATE SET seconds = excluded.seconds, images = excluded.images, boxes = excluded.boxes, "
-            "tokens = excluded.tokens, at = excluded.at",
-            [(project, task, model_version, s, i, b, t, time.time()) for task, s, i, b, t in rows],
-        )
 
     def _select(self, query: str, project: int, model_version: str | None) -> list[tuple]:
         """Rows of ``query`` (filtered by project) for one model_version, or all when it is None."""

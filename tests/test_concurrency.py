@@ -84,8 +84,7 @@ WRITER = textwrap.dedent("""
     n = 0
     while time.monotonic() < ends and n < 100000:  # bounded in time and count
         labels = [PredictedLabel(100000 + n * 50 + k, "r", "c", "x", 0.5) for k in range(50)]
-        store.record_predictions(77, "other-process", labels)
-        store.record_usage(77, "other-process", [(100000 + n, 0.1, 1, 1, 10)])
+        store.record_predictions(77, "other-process", labels, usage=[(100000 + n, 0.1, 1, 1, 10)])
         n += 1
     print(n)
 """)

@@ -37,8 +37,8 @@ def test_predictions_reviews_and_the_calibrator_round_trip(store):
     store.forget(3, annotation=2)
     store.forget(3, task=3)
     assert len(store.outcomes(3)[0]) == 6
-    store.record_usage(3, "v1", [(1, 0.5, 1, 2, 30), (2, 0.25, 1, 1, 20)])
-    store.record_usage(3, "v1", [(1, 0.75, 1, 2, 30)])  # the same task again replaces its row
+    store.record_predictions(3, "v1", [], usage=[(1, 0.5, 1, 2, 30), (2, 0.25, 1, 1, 20)])
+    store.record_predictions(3, "v1", [], usage=[(1, 0.75, 1, 2, 30)])  # the same task again replaces its row
     assert sorted(u["seconds"] for u in store.usage(3, "v1")) == [0.25, 0.75]
     assert store.annotator_task_scores(3, "v1") == {task: pytest.approx(0.9) for task in range(2, 9)}
 
