@@ -78,20 +78,20 @@ def plan_preannotation_job(run_id: str, project: int, task_ids: list[int] | None
     from backend.preannotate import label_studio_client, plan_preannotation
 
     settings = Settings.from_env()
-    label_studio_client(settings)  # fails fast, naming the settings, before any model loads
-    plan = plan_preannotation(settings, _service(settings).annotator, project, task_ids)
+    client = label_studio_client(settings)  # fails fast, naming the settings, before any model loads
+    plan = plan_preannotation(client, _service(settings).annotator, project, task_ids)
     return RedisJobs(settings).queue_chunks(run_id, project, plan.todo, tasks=plan.tasks,
                                             model_version=plan.model_version)  # fmt: skip
 
 
 def preannotate_chunk_job(run_id: str, project: int, task_ids: list[int]) -> dict:
     """rq entry point: predict and post one chunk, then count it in the run's progress."""
-    from backend.preannotate import predict_tasks
+    from backend.preannotate import label_studio_client, predict_tasks
 
     settings = Settings.from_env()
     stop = _rq_heartbeat()
     try:
-        done = predict_tasks(settings, _service(settings).annotator, project, task_ids)
+        done = predict_tasks(label_studio_client(settings), _service(settings).annotator, project, task_ids)
     finally:
         stop.set()
     RedisJobs(settings).chunk_finished(run_id, len(task_ids), done)

@@ -87,10 +87,9 @@ class Plan:
         return self.tasks - len(self.todo)
 
 
-def plan_preannotation(settings: Settings, annotator: Annotator, project: int, task_ids: list[int] | None) -> Plan:
+def plan_preannotation(client, annotator: Annotator, project: int, task_ids: list[int] | None) -> Plan:
     """List the project's tasks once (or ``task_ids`` of them) and keep those our model_version has not predicted,
-    so a re-run resumes where an interrupted one stopped."""
-    client = label_studio_client(settings)
+    so a re-run resumes where an interrupted one stopped. ``client``: see :func:`label_studio_client`."""
     tasks = project_tasks(client, project)
     if task_ids is not None:
         wanted = set(task_ids)
@@ -99,11 +98,10 @@ def plan_preannotation(settings: Settings, annotator: Annotator, project: int, t
     return Plan([t["id"] for t in tasks if not _has_version(t, version)], len(tasks), version)
 
 
-def predict_tasks(settings: Settings, annotator: Annotator, project: int, task_ids: list[int],
+def predict_tasks(client, annotator: Annotator, project: int, task_ids: list[int],
                   report: Callable[[float, str], None] | None = None) -> dict:  # fmt: skip
     """Predict these tasks (read afresh, so boxes drawn since the plan count) and post each batch as it finishes;
     a task that meanwhile got a prediction from our model_version is skipped."""
-    client = label_studio_client(settings)
     label_config = client.projects.get(project).label_config
     version = annotator.model_version
     wanted = set(task_ids)
@@ -136,9 +134,10 @@ def preannotate_project(
     report: Callable[[float, str], None],
 ) -> dict:
     """The whole run in one process (the in-process queue): plan, then predict every task left."""
-    plan = plan_preannotation(settings, annotator, project, task_ids)
+    client = label_studio_client(settings)
+    plan = plan_preannotation(client, annotator, project, task_ids)
     report(0.0, f"{len(plan.todo)} of {plan.tasks} tasks to predict")
-    done = predict_tasks(settings, annotator, project, plan.todo, report) if plan.todo else {"stored": 0, "failed": 0}
+    done = predict_tasks(client, annotator, project, plan.todo, report) if plan.todo else {"stored": 0, "failed": 0}
     return {"tasks": plan.tasks, "skipped": plan.skipped, "stored": done["stored"], "failed": done["failed"],
             "model_version": plan.model_version}  # fmt: skip
 
