@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from backend.devtools.tiny import build_tiny_checkpoint
+from backend.evaluation.peers import fastest_seconds
 from backend.models.local import TransformersEngine
 
 COCO_20 = [
@@ -62,22 +63,11 @@ def _boxed_tasks(count: int, seed: int, size: tuple[int, int]) -> list[dict]:
     return tasks
 
 
-def _best_seconds(run: Callable[[], object], repeats: int) -> float:
-    """The fastest of ``repeats`` timed runs: the least disturbed by whatever else the machine does."""
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def _measure(engine: TransformersEngine, run: Callable[[], object], repeats: int) -> dict[str, float]:
     engine.forward_passes = 0
-    run()
+    run()  # counted, and the warm-up
     passes = engine.forward_passes
-    return {"seconds": round(_best_seconds(run, repeats), 5), "forward_passes": passes}
+    return {"seconds": round(fastest_seconds(run, repeats), 5), "forward_passes": passes}
 
 
 def _request_forward_passes(checkpoint: Path, engine: TransformersEngine) -> dict:

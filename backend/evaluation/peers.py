@@ -129,24 +129,25 @@ def _tags_found(prediction: dict, control: str = "tags") -> set[str]:
     return {c for r in prediction.get("result", []) if r.get("from_name") == control for c in r["value"]["choices"]}
 
 
-def _micro_f1(found: Sequence[set[str]], truth: Sequence[set[str]]) -> float:
-    hits = sum(len(f & t) for f, t in zip(found, truth, strict=True))
-    predicted, actual = sum(map(len, found)), sum(map(len, truth))
-    return 2 * hits / (predicted + actual) if predicted + actual else 1.0
+def _micro_f1(found: Sequence[set[str]], truth: Sequence[set[str]], labels: Sequence[str]) -> float:
+    """Micro F1 over images, as the quality report computes it."""
+    from backend.evaluation.metrics import tag_metrics
+    from backend.labelstudio.export import TagPair
+
+    pairs = [
+        TagPair(n, "tags", frozenset(f), frozenset(t), None) for n, (f, t) in enumerate(zip(found, truth, strict=True))
+    ]
+    return tag_metrics(pairs, labels)["micro_f1"]
 
 
-def _timed(run):
-    start = time.perf_counter()
-    value = run()
-    return value, time.perf_counter() - start
-
-
-def _fastest(run, repeats: int, before=lambda: None) -> float:
-    """The fastest of ``repeats`` more timed runs (``before`` each, untimed): the least disturbed by the machine."""
+def fastest_seconds(run, repeats: int, before=lambda: None) -> float:
+    """The fastest of ``repeats`` timed runs (``before`` each, untimed): the least disturbed by the machine."""
     times = []
     for _ in range(repeats):
         before()
-        times.append(_timed(run)[1])
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
     return min(times)
 
 
@@ -223,7 +224,7 @@ def run_peers(model: str, *, tasks: int, seed: int, work: Path, repeats: int = 3
     def peer(method, sent: list[dict]) -> tuple[list, float, int]:
         with ForwardCounter(engine.model) as counter:
             answers = method(sent)
-        return answers, _fastest(lambda: method(sent), repeats), counter.calls
+        return answers, fastest_seconds(lambda: method(sent), repeats), counter.calls
 
     def backend(config: str, sent: list[dict], kind: str, critic: str) -> tuple[_Run, float, int, dict]:
         settings = Settings.from_env({"MLLM_MODEL": model, "MODEL_DIR": str(work / f"state-{kind}-{critic}"),
@@ -239,7 +240,7 @@ def run_peers(model: str, *, tasks: int, seed: int, work: Path, repeats: int = 3
         counts = {"vision_passes": engine.vision_passes - before["vision"],
                   "prefill_tokens": engine.prefill_tokens - before["prefill"],
                   "lower_bound": _prefill_lower_bound(engine, asked)}  # fmt: skip
-        seconds = _fastest(lambda: _predict(client, engine, config, sent), repeats, engine.image_prefixes.clear)
+        seconds = fastest_seconds(lambda: _predict(client, engine, config, sent), repeats, engine.image_prefixes.clear)
         return run, seconds, counter.calls, counts
 
     def labels_of(run: _Run) -> float:
@@ -260,7 +261,9 @@ def run_peers(model: str, *, tasks: int, seed: int, work: Path, repeats: int = 3
     found, seconds, passes = peer(
         lambda sent: yes_no_per_label(engine.model, engine.processor, task_images(sent), questions=questions), tag_tasks
     )
-    peers["yes_no_per_label"] = _peer_row(seconds, images, "image", passes, ("f1", _micro_f1(found, tag_truth)))
+    peers["yes_no_per_label"] = _peer_row(
+        seconds, images, "image", passes, ("f1", _micro_f1(found, tag_truth, CLASSES))
+    )
 
     run, seconds, passes, _ = backend(box_config, box_tasks, "boxes", "off")
     ours = _peer_row(seconds, boxes, "box", passes, ("accuracy", labels_of(run)))
@@ -270,7 +273,7 @@ def run_peers(model: str, *, tasks: int, seed: int, work: Path, repeats: int = 3
     _, unshared_seconds, unshared_passes, unshared = backend(box_config, box_tasks, "boxes", "on")
     engine.shares_images = True
     tag_run, tag_seconds, tag_passes, _ = backend(tag_config, tag_tasks, "tags", "off")
-    tag_f1 = _micro_f1([_tags_found(p) for p in tag_run.predictions], tag_truth)
+    tag_f1 = _micro_f1([_tags_found(p) for p in tag_run.predictions], tag_truth, CLASSES)
     tags = _peer_row(tag_seconds, images, "image", tag_passes, ("f1", tag_f1))
 
     for row in peers.values():
