@@ -72,13 +72,9 @@ def _recording(session: requests.Session) -> list[bytes]:
     bodies: list[bytes] = []
     post = session.post
 
-    def recorded(url, *args, json=None, **kwargs):  # noqa: A002 -- requests' own keyword
-        bodies.append(_encode(json))
-        return post(url, *args, json=json, **kwargs)
+    def recorded(url, *args, **kwargs):
+        bodies.append(json.dumps(kwargs["json"]).encode())  # the engine posts every body as json=
+        return post(url, *args, **kwargs)
 
     session.post = recorded  # type: ignore[method-assign]
     return bodies
-
-
-def _encode(body: dict) -> bytes:
-    return json.dumps(body).encode()

@@ -83,8 +83,7 @@ def workers_bench(model: str, *, tasks: int, seed: int, work: Path, redis_url: s
             name = f"worker-{count}"
             workers.append(ManagedProcess(name, [sys.executable, "-m", "backend.cli", "worker"], worker_env,
                                           work / f"{name}.log").start())  # fmt: skip
-            _wait(lambda n=count: Worker.count(queue=Queue(queue, connection=connection)) >= n, timeout=60,
-                  what=f"{count} workers")  # fmt: skip
+            workers[-1].wait_until(lambda n=count: Worker.count(queue=Queue(queue, connection=connection)) >= n, 60)
             _run(stack.backend_url, project(f"warm-up {count}", 2 * chunk_tasks * count))  # every worker loads
             status, seconds = _run(stack.backend_url, project(f"{count} workers", tasks))
             measured[count] = {"tasks_per_s": round(status["result"]["stored"] / seconds, 2),
