@@ -149,9 +149,10 @@ def create_app(service: Service) -> Flask:
         predictions (the key check and project set-up run in the background and leave their findings)."""
         state = service.slot.state
         telemetry.model_ready.set(1 if state == "ready" else 0)
-        problems = [service.jobs.problem(), service.key_check.problem, *service.project_setup.problems]
+        problems = [service.jobs.problem(), service.key_check.problem, *service.project_setup.problems,
+                    *service.version_sync.problems]  # fmt: skip
         body: dict[str, Any] = {"status": "UP", "model_state": state, "model_version": predictor.model_version(),
-                                "warnings": [p for p in problems if p]}  # fmt: skip
+                                "warnings": list(dict.fromkeys(p for p in problems if p))}  # fmt: skip
         if g.get("authenticated"):  # what the deployment looks like, only for a caller who proved who they are
             body.update(model=settings.mllm_model, jobs=service.jobs.kind)
         if state == "failed":

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
 from backend.labelstudio.auth import LabelStudioAuth
@@ -26,7 +25,7 @@ def loader(**limits) -> ImageLoader:
 
 
 def site(server: LoopbackServer, key: str | None = TOKEN) -> LabelStudioAuth:
-    return LabelStudioAuth(server.url, key, requests.Session())
+    return LabelStudioAuth(server.url, key)
 
 
 @pytest.fixture

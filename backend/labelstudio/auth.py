@@ -14,6 +14,8 @@ import time
 
 import requests
 
+from backend.labelstudio.redirects import RedirectRefused, same_origin_session
+
 ACCESS_TOKEN_REUSE_SECONDS = 240  # access tokens live 300 s; refresh a little early
 
 
@@ -37,12 +39,13 @@ def is_personal_access_token(key: str) -> bool:
 
 
 class LabelStudioAuth:
-    """Gives the headers that authenticate a request to one Label Studio instance."""
+    """Gives the headers that authenticate a request to one Label Studio instance, and the session to send them
+    with: it follows redirects only on Label Studio's origin (:mod:`backend.labelstudio.redirects`)."""
 
-    def __init__(self, base_url: str, api_key: str | None, session: requests.Session, timeout: float = 10.0) -> None:
+    def __init__(self, base_url: str, api_key: str | None, timeout: float = 10.0) -> None:
         self.base_url = base_url.rstrip("/")
         self._key = api_key
-        self._session = session
+        self.session = same_origin_session(self.base_url)
         self._timeout = timeout
         self._access: tuple[str, float] | None = None
         self._lock = threading.Lock()
@@ -70,9 +73,11 @@ class LabelStudioAuth:
             if self._access and self._access[1] > time.monotonic():
                 return self._access[0]
             try:
-                response = self._session.post(
+                response = self.session.post(
                     f"{self.base_url}/api/token/refresh/", json={"refresh": self._key}, timeout=self._timeout
                 )
+            except RedirectRefused as exc:
+                raise LabelStudioAuthError(str(exc)) from None
             except requests.RequestException as exc:
                 raise LabelStudioAuthError(
                     f"could not reach Label Studio at {self.base_url} to refresh the access token "

@@ -9,10 +9,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import requests
-
 from backend.labelstudio.auth import LabelStudioAuth
 from backend.labelstudio.protocol import project_id
+from backend.labelstudio.redirects import RedirectRefused, same_origin_httpx_client
 
 log = logging.getLogger(__name__)
 MAX_REMEMBERED = 10_000  # projects (and Label Studio sites) kept from /setup; the oldest are forgotten first
@@ -36,10 +35,9 @@ class LabelStudioSites:
     (settings refuse a key without a URL).
     """
 
-    def __init__(self, url: str | None, api_key: str | None, session: requests.Session | None = None) -> None:
+    def __init__(self, url: str | None, api_key: str | None) -> None:
         self._url = url
         self._key = api_key
-        self._session = session or requests.Session()
         self._setups: OrderedDict[str, SetupInfo] = OrderedDict()
         self._auths: OrderedDict[tuple[str, str | None], LabelStudioAuth] = OrderedDict()
         self._lock = threading.Lock()
@@ -62,7 +60,7 @@ class LabelStudioSites:
                 return None
             cache_key = (base.rstrip("/"), key)
             if cache_key not in self._auths:
-                self._auths[cache_key] = LabelStudioAuth(base, key, self._session)
+                self._auths[cache_key] = LabelStudioAuth(base, key)
                 while len(self._auths) > MAX_REMEMBERED:
                     self._auths.popitem(last=False)
             return self._auths[cache_key]
@@ -89,7 +87,14 @@ class ModelVersionSync:
         self._sites = sites
         self._enabled = enabled
         self._wanted: dict[str, tuple[str, float]] = {}  # project -> (model_version, keep trying until)
+        self._problems: OrderedDict[int, str] = OrderedDict()  # project id -> why its last sync gave up
         self._lock = threading.Lock()
+
+    @property
+    def problems(self) -> list[str]:
+        """Why the latest syncs that gave up did (for ``/health``); a project's entry goes when it syncs."""
+        with self._lock:
+            return list(self._problems.values())[-5:]
 
     def request(self, project: str, model_version: str, patience: float = SETUP_PATIENCE) -> threading.Thread | None:
         """Start (or extend) the project's sync; returns the thread it started, if any."""
@@ -117,10 +122,13 @@ class ModelVersionSync:
             try:  # never let a sync failure touch a request
                 client = client or connect(site.base_url, site.api_key or "")
                 set_model_version(client, pid, version)
+            except RedirectRefused as exc:
+                error = str(exc)
             except Exception as exc:
                 error = type(exc).__name__
             else:
                 with self._lock:
+                    self._problems.pop(pid, None)
                     if self._wanted[project][0] == version:  # else a newer version was asked for meanwhile
                         del self._wanted[project]
                         return
@@ -130,10 +138,18 @@ class ModelVersionSync:
             with self._lock:
                 if time.monotonic() + delay > self._wanted[project][1]:
                     del self._wanted[project]
-                    log.warning("could not set project %s model_version after %d tries (%s): sorting by Prediction "
-                                "score needs it", pid, attempt, error)  # fmt: skip
+                    self._give_up(pid, f"could not set project {pid} model_version after {attempt} tries ({error}): "
+                                       "sorting by Prediction score needs it")  # fmt: skip
                     return
             time.sleep(delay)
+
+    def _give_up(self, pid: int, message: str) -> None:
+        """Called with the lock held."""
+        log.warning("%s", message)
+        self._problems[pid] = message
+        self._problems.move_to_end(pid)
+        while len(self._problems) > 100:
+            self._problems.popitem(last=False)
 
 
 def set_model_version(client, project: int, version: str) -> None:
@@ -150,11 +166,13 @@ SAMPLE_VIEW_TITLE = "Review sample"
 SUSPICION_ORDER = "tasks:predictions_score"  # the Data Manager's "Prediction score" column, ascending
 
 
-def connect(url: str, api_key: str):
-    """A label-studio-sdk client (legacy token or personal access token)."""
+def connect(url: str, api_key: str, timeout: float = 60.0):
+    """A label-studio-sdk client (legacy token or personal access token) whose requests, the SDK's own token
+    refresh included, follow redirects only on Label Studio's origin (:mod:`backend.labelstudio.redirects`)."""
     from label_studio_sdk import LabelStudio
 
-    return LabelStudio(base_url=url, api_key=api_key, timeout=60)
+    http = same_origin_httpx_client(url, timeout)
+    return LabelStudio(base_url=url, api_key=api_key, timeout=timeout, httpx_client=http)
 
 
 def project_tasks(client, project: int) -> list[dict]:

@@ -22,6 +22,7 @@ import requests
 from backend.labelstudio.auth import KeyRefused, LabelStudioAuth, LabelStudioAuthError, is_personal_access_token
 from backend.labelstudio.client import MAX_REMEMBERED, LabelStudioSites, connect, ensure_review_view
 from backend.labelstudio.protocol import project_id
+from backend.labelstudio.redirects import RedirectRefused
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,8 @@ class KeyCheck:
     Studio (it may start after the backend) is passing trouble, not a reason to give up on posting.
     """
 
-    def __init__(self, auth: LabelStudioAuth | None, session: requests.Session | None = None) -> None:
+    def __init__(self, auth: LabelStudioAuth | None) -> None:
         self._auth = auth
-        self._session = session or requests.Session()
         self._problem: str | None = None
         self._refused = False
 
@@ -71,9 +71,11 @@ class KeyCheck:
         assert self._auth is not None
         url = f"{self._auth.base_url}/api/current-user/whoami"
         try:
-            response = self._session.get(url, headers=self._auth.headers(), timeout=10)
+            response = self._auth.session.get(url, headers=self._auth.headers(), timeout=10)
         except LabelStudioAuthError as exc:
             return str(exc), isinstance(exc, KeyRefused)
+        except RedirectRefused as exc:  # another host's answer says nothing about the key
+            return str(exc), False
         except requests.RequestException as exc:
             return (f"cannot reach Label Studio at {self._auth.base_url} ({type(exc).__name__}); check "
                     "LABEL_STUDIO_URL", False)  # fmt: skip
@@ -169,7 +171,7 @@ class ProjectSetup:
         except Exception as exc:  # a failure here must never reach a request; it is reported in /health
             with self._lock:
                 self._started.discard(project)  # the next /setup tries again
-            detail = str(exc) if isinstance(exc, LabelStudioAuthError) else type(exc).__name__
+            detail = str(exc) if isinstance(exc, (LabelStudioAuthError, RedirectRefused)) else type(exc).__name__
             self._problem(pid, f"project {pid}: could not set up the review tab and webhook in Label Studio "
                                f"({detail})")  # fmt: skip
             return

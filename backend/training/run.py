@@ -21,6 +21,7 @@ from backend.labelstudio.client import LabelStudioSites, connect, project_tasks
 from backend.labelstudio.config import ProjectSpec, parse_label_config
 from backend.labelstudio.export import LabelledItem, labelled_items
 from backend.labelstudio.media import MediaError
+from backend.labelstudio.redirects import RedirectRefused
 from backend.labelstudio.regions import RegionError, crop_box
 from backend.settings import Settings
 from backend.training.backbone import classifier_backbone
@@ -106,6 +107,8 @@ def train_project(settings: Settings, project: int, progress: Callable[[float, s
     client = connect(settings.label_studio_url, settings.label_studio_api_key)
     try:
         spec = parse_label_config(client.projects.get(project).label_config)
+    except RedirectRefused as exc:
+        raise RuntimeError(f"cannot export project {project}: {exc}") from None
     except Exception as exc:  # httpx errors, SDK ApiError: say where, never with the key
         raise RuntimeError(
             f"cannot export project {project} from Label Studio at {settings.label_studio_url} "

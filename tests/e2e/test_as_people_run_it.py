@@ -14,8 +14,8 @@ import pytest
 import requests
 
 from backend.devtools.devstack import Stack, retrieve_predictions, start_backend
-from backend.labelstudio.auth import LabelStudioAuth
-from backend.labelstudio.client import REVIEW_VIEW_TITLE, LabelStudioSites, ModelVersionSync
+from backend.labelstudio.auth import LabelStudioAuth, is_personal_access_token
+from backend.labelstudio.client import REVIEW_VIEW_TITLE, LabelStudioSites, ModelVersionSync, connect
 from backend.labelstudio.connection import KeyCheck
 from backend.shapes.world import write_world
 
@@ -139,8 +139,29 @@ def test_the_version_sync_outlasts_a_slow_retrieval(client, stack):
 
 
 def test_a_refused_key_is_named_with_the_fix(stack):
-    session = requests.Session()
-    assert KeyCheck(LabelStudioAuth(stack.label_studio_url, stack.token, session)).check() == (None, False)
-    legacy, refused = KeyCheck(LabelStudioAuth(stack.label_studio_url, "0" * 40, session)).check()
+    assert KeyCheck(LabelStudioAuth(stack.label_studio_url, stack.token)).check() == (None, False)
+    legacy, refused = KeyCheck(LabelStudioAuth(stack.label_studio_url, "0" * 40)).check()
     assert refused and "refused LABEL_STUDIO_API_KEY (HTTP 401)" in legacy and "personal access token" in legacy
     assert "0" * 40 not in legacy
+
+
+def test_label_studios_own_redirects_are_followed_with_each_key(client, stack):
+    """The redirect rule keeps the redirects Label Studio itself sends. Its API routes answer with or without a
+    trailing slash, so the same-origin redirect here is one of its pages': ``/swagger`` answers 302 to
+    ``/docs/api/schema/swagger-ui/``. Both HTTP clients follow it, with the legacy token and with a personal access
+    token Label Studio issued (the SDK's refresh and ours both go through the guarded clients)."""
+    issued = requests.post(f"{stack.label_studio_url}/api/token/", headers={"Authorization": f"Token {stack.token}"},
+                           timeout=30)  # fmt: skip
+    assert issued.status_code in {200, 201}, issued.text[:300]
+    pat = issued.json()["token"]
+    assert is_personal_access_token(pat)
+    for key in (stack.token, pat):
+        auth = LabelStudioAuth(stack.label_studio_url, key)
+        response = auth.session.get(f"{stack.label_studio_url}/swagger", headers=auth.headers(), timeout=30)
+        assert response.status_code == 200 and [r.status_code for r in response.history] == [302], response.url
+        assert response.url == f"{stack.label_studio_url}/docs/api/schema/swagger-ui/"
+        assert KeyCheck(auth).check() == (None, False)
+        sdk = connect(stack.label_studio_url, key)
+        answer = sdk._client_wrapper.httpx_client.request("swagger", method="GET")
+        assert answer.status_code == 200 and [r.status_code for r in answer.history] == [302]
+        assert [p.id for p in sdk.projects.list()] == [p.id for p in client.projects.list()]
