@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         "--seed", type=int, default=None, help="the world's seed (default 2500, never a training seed)"
     )
     quality.add_argument("--model", help="the model to judge (default: the shipped shapes model)")
+    quality.add_argument("--base-url", help="ask an OpenAI-compatible server (its /v1 address, e.g. a vLLM serving "
+                         "--model) instead of loading the model in process")  # fmt: skip
+    quality.add_argument("--served-model", help="the server's name for the model (default: --model)")
 
     shapes = commands.add_parser(
         "shapes-model", help="write the trained shapes model (a LLaVA-architecture checkpoint) to DIR",
@@ -273,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         from backend.shapes.training import SHIPPED
 
         seed = REPORT_SEED if args.seed is None else args.seed
-        report = run_quality(args.out, tasks=args.tasks, seed=seed, model=args.model or str(SHIPPED))
+        report = run_quality(args.out, tasks=args.tasks, seed=seed, model=args.model or str(SHIPPED),
+                             base_url=args.base_url, served_model=args.served_model)  # fmt: skip
         print((args.out / "summary.md").read_text())
         print(f"box_accuracy {report['box_accuracy']:.3f}; wrote {args.out}")
     elif args.command == "shapes-model":

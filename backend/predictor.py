@@ -243,7 +243,7 @@ class Predictor:
     ) -> None:  # fmt: skip
         if not chunk.tasks:
             return
-        started, tokens_before = time.perf_counter(), getattr(engine, "tokens_processed", 0)
+        started, tokens_before = time.perf_counter(), engine.tokens_processed
         scored: list[_Scored] = []
         try:
             deadline.check("predicting")
@@ -257,7 +257,7 @@ class Predictor:
                 predictions[index] = _prediction(outcomes[index], scored)
         seconds = time.perf_counter() - started
         self.telemetry.model_seconds.observe(seconds)
-        tokens = getattr(engine, "tokens_processed", 0) - tokens_before
+        tokens = engine.tokens_processed - tokens_before
         self._remember(project, version, [outcomes[i] for i in chunk.tasks], scored, seconds, tokens)
 
     def _ask(self, engine: Engine, chunk: _Chunk, outcomes: list[_Outcome], project: int | None) -> None:

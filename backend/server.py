@@ -25,6 +25,7 @@ from backend.labelstudio.protocol import (
     read_predict,
     read_setup,
 )
+from backend.models.engine import Engine
 from backend.models.slot import ModelNotReady
 from backend.preannotate import hand_over
 from backend.prompts import PromptError
@@ -150,7 +151,7 @@ def create_app(service: Service) -> Flask:
         state = service.slot.state
         telemetry.model_ready.set(1 if state == "ready" else 0)
         problems = [service.jobs.problem(), service.key_check.problem, *service.project_setup.problems,
-                    *service.version_sync.problems]  # fmt: skip
+                    *service.version_sync.problems, *_coarse_scores()]  # fmt: skip
         body: dict[str, Any] = {"status": "UP", "model_state": state, "model_version": predictor.model_version(),
                                 "warnings": list(dict.fromkeys(p for p in problems if p))}  # fmt: skip
         if g.get("authenticated"):  # what the deployment looks like, only for a caller who proved who they are
@@ -158,6 +159,16 @@ def create_app(service: Service) -> Flask:
         if state == "failed":
             return jsonify({**body, "status": "DOWN", "error": service.slot.error}), 503
         return jsonify(body)
+
+    def _engines() -> dict[str, Engine]:
+        """The loaded engines by role, without waiting for one that is loading."""
+        engines = {"annotator": service.slot.loaded, "critic": getattr(predictor.critic_slot, "loaded", None)}
+        return {role: engine for role, engine in engines.items() if engine is not None}
+
+    def _coarse_scores() -> list[str]:
+        return [f"the {role} ({engine.name}) scores by sampling agreement: {engine.scoring_reason}; its scores are "
+                "coarse (a few answers per question). Serve it with vLLM or SGLang for full-label scores"
+                for role, engine in _engines().items() if engine.scoring_method == "agreement"]  # fmt: skip
 
     @app.post("/setup")
     def setup() -> Response:
@@ -253,7 +264,8 @@ def create_app(service: Service) -> Flask:
         classifiers = {str(p): service.classifiers.versions(p) for p in service.classifiers.projects()}
         return jsonify({"versions": [version], "model_version": version, "model": settings.mllm_model,
                         "jobs": service.jobs.kind, "calibration": predictor.reviews.status(),
-                        "classifiers": classifiers})  # fmt: skip
+                        "classifiers": classifiers, "scoring": {role: {"method": e.scoring_method, "why":
+                        e.scoring_reason} for role, e in _engines().items()}})  # fmt: skip
 
     @app.get("/metrics")
     def prometheus() -> Response:

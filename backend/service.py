@@ -76,6 +76,8 @@ def engine_factory(
             concurrency=settings.openai_concurrency,
             samples=settings.openai_samples,
             map_answer=mapper.index if mapper is not None else None,
+            option_scoring=settings.mllm_option_scoring,  # type: ignore[arg-type]
+            scoring=settings.openai_scoring,
         )
 
     return load_remote if provider == "openai" else load_local

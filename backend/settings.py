@@ -29,6 +29,7 @@ class SettingsError(ValueError):
 PROVIDERS = ("transformers", "openai")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 OPTION_SCORINGS = ("mean", "sum")
+SERVER_SCORINGS = ("full-label", "first-token")  # OPENAI_SCORING: see backend/models/remote.py
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Settings:
     openai_max_retries: int = 3
     openai_concurrency: int = 8
     openai_samples: int = 5
+    openai_scoring: str = "full-label"
     label_studio_url: str | None = None
     label_studio_api_key: str | None = field(default=None, repr=False)
     model_dir: Path = Path("model_dir")
@@ -264,6 +266,7 @@ class _Reader:
             openai_max_retries=self.integer("OPENAI_MAX_RETRIES", 3, 0),
             openai_concurrency=self.integer("OPENAI_CONCURRENCY", 8, 1),
             openai_samples=self.integer("OPENAI_SAMPLES", 5, 1),
+            openai_scoring=self.choice("OPENAI_SCORING", "full-label", SERVER_SCORINGS),
             label_studio_url=label_studio_url,
             label_studio_api_key=label_studio_key,
             model_dir=Path(self.text("MODEL_DIR") or "model_dir"),

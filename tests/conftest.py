@@ -128,3 +128,17 @@ def postgres_url() -> Iterator[str]:
     yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
     with psycopg.connect(POSTGRES, autocommit=True) as connection:
         connection.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(scope="session")
+def vllm_url() -> Iterator[str]:
+    """A real vLLM (CPU build, own virtualenv) serving the shipped shapes model as "shapes", once per test run;
+    ``VLLM_BASE_URL`` points at one already running instead."""
+    if os.environ.get("VLLM_BASE_URL"):
+        yield os.environ["VLLM_BASE_URL"].rstrip("/")
+        return
+    from backend.devtools.vllm import vllm_server
+    from backend.shapes.training import SHIPPED
+
+    with vllm_server(SHIPPED) as url:
+        yield url

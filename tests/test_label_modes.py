@@ -31,6 +31,9 @@ class Recording:
         self.asked.append((prompt, ()))
         return self.inner.generate(images, prompt, max_new_tokens)
 
+    def __getattr__(self, name: str):  # the usage counters: the real engine's
+        return getattr(self.inner, name)
+
 
 def test_cyclic_orders_average_each_labels_probability_over_the_rotated_lists(llava_engine):
     images = [noise_image(30, 30, 1), noise_image(40, 20, 2)]

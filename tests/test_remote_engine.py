@@ -1,8 +1,8 @@
 """The OpenAI-compatible provider against a real server (`transformers serve` on a tiny checkpoint).
 
-`transformers serve` returns no log-probabilities, so it exercises the documented fallback. The
-log-probability path is exercised against `LogprobServer`, a loopback stand-in for vLLM (which
-needs a GPU and cannot run here), answering in vLLM's response format.
+`transformers serve` returns no log-probabilities, so it exercises the documented fallback. Faults
+and the letters strategy of servers with ``top_logprobs`` only (hosted APIs) are exercised against
+loopback stand-ins; the full-label strategy against the real vLLM in ``test_vllm.py``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from backend.devtools.devstack import free_port
 from backend.devtools.serve import transformers_serve
 from backend.devtools.tiny import build_tiny_checkpoint
 from backend.models.engine import EngineError, EngineUnavailable
-from backend.models.remote import SMOOTHING, OpenAIEngine, lettered_question, match_answer
-from backend.prompts import TEMPLATES
+from backend.models.remote import SMOOTHING, OpenAIEngine, Token, answer_tokens, match_answer
+from backend.prompts import LETTERS, TEMPLATES, lettered_question
 from tests.conftest import noise_image, png_bytes
 from tests.loopback import LoopbackServer, Reply, Seen
 
@@ -88,6 +88,9 @@ def test_box_labelling_request_succeeds_through_the_server(served_model, tmp_pat
     [prediction] = body["results"]
     assert [r["id"] for r in prediction["result"]] == ["b0", "b1", "b2"]
     assert all(0 < r["score"] <= 1 for r in prediction["result"])
+    scoring = client.get("/versions").get_json()["scoring"]["annotator"]
+    assert scoring["method"] == "agreement" and "no prompt log-probabilities" in scoring["why"]
+    assert any("scores by sampling agreement" in w for w in client.get("/health").get_json()["warnings"])
 
 
 def logprob_reply(top: dict[str, float], content: str = "A") -> dict:
@@ -105,13 +108,19 @@ def logprob_reply(top: dict[str, float], content: str = "A") -> dict:
     }
 
 
-def test_logprob_scoring_reads_each_letter_from_the_first_answer_token():
+def test_a_lettered_question_is_scored_by_each_letter_at_the_first_answer_token():
+    """A server with top_logprobs but no prompt log-probabilities (a hosted API): multiple-choice questions are
+    scored by their letters; the probe for prompt log-probabilities is sent once, not per question."""
     top = {"B": math.log(0.6), " A": math.log(0.25), "b": math.log(0.05), "The": math.log(0.05)}
     with LoopbackServer({"POST /v1/chat/completions": lambda _: Reply.json(logprob_reply(top, "B"))}) as server:
         engine = OpenAIEngine(f"{server.url}/v1", "m")
-        scores = engine.score_options([noise_image(10, 10)], "Which label?", LABELS)
-        sent = json.loads(server.seen[0].body)
-    assert engine.scoring_method == "logprobs"
+        question = lettered_question("Which label?\n- Cat\n- Dog\n- Other", LABELS)
+        scores = engine.score_options([noise_image(10, 10)], question, LETTERS[:3])
+        probe, sent = (json.loads(seen.body) for seen in server.seen)
+        engine.score_options([noise_image(10, 10)], question, LETTERS[:3])
+        assert len(server.seen) == 3
+    assert probe["prompt_logprobs"] == 0 and probe["add_generation_prompt"] is True
+    assert engine.scoring_method == "letters" and "no prompt log-probabilities" in engine.scoring_reason
     assert sent["logprobs"] is True and sent["top_logprobs"] == 20
     assert "A. Cat" in sent["messages"][0]["content"][1]["text"]
     assert sent["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
@@ -120,11 +129,12 @@ def test_logprob_scoring_reads_each_letter_from_the_first_answer_token():
 
 
 def test_retries_with_backoff_on_429_and_5xx_then_succeeds():
-    replies = iter([Reply(503), Reply(429, headers={"Retry-After": "0"}), Reply.json(logprob_reply({"A": -0.1}))])
-    with LoopbackServer({"POST /v1/chat/completions": lambda _: next(replies)}) as server:
+    replies = iter([Reply(503), Reply(429, headers={"Retry-After": "0"})])
+    answer = Reply.json(logprob_reply({"A": -0.1}))
+    with LoopbackServer({"POST /v1/chat/completions": lambda _: next(replies, answer)}) as server:
         engine = OpenAIEngine(f"{server.url}/v1", "m", max_retries=3)
-        engine.score_options([noise_image(10, 10)], "Which label?", LABELS)
-        assert len(server.seen) == 3
+        engine.score_options([noise_image(10, 10)], "Which label?", LETTERS[:3])
+        assert len(server.seen) == 4  # the probe after two retries, then the question
 
 
 def test_a_down_server_fails_fast_with_a_clear_error():
@@ -210,3 +220,32 @@ def test_a_lettered_question_gives_one_answer_instruction(template):
     assert "A. " + options[0] in asked.splitlines() and "B. " + options[1] in asked.splitlines()
     if template in {"box_label", "box_context_label", "image_choice"}:  # the labels get their letters in place
         assert "- cat" not in asked and asked.count("cat") == 1
+
+
+def _tokens(*texts: str) -> list[Token]:
+    return [(hash(text) % 10_000, -0.5, text) for text in texts]
+
+
+def test_an_answer_is_its_tokens_after_the_generation_prompt_through_the_end_of_turn():
+    head = _tokens("<s>", "USER", ":", "ASSISTANT", ":")
+    turn = _tokens("<s>", "USER", ":", "ASSISTANT", ":", " red", " square", "</s>", "\n")
+    assert [text for _, _, text in answer_tokens(head, turn)] == [" red", " square", "</s>"]
+    merged = _tokens("<s>", "USER", ":", "ASSISTANT", ": red", " square", "</s>")  # the tokenizer joined ":" and " red"
+    assert [text for _, _, text in answer_tokens(head, merged)] == [": red", " square", "</s>"]
+
+
+def test_a_server_that_refuses_prompt_logprobs_by_name_falls_back_once_and_says_why():
+    def hosted(request: Seen) -> Reply:
+        if "prompt_logprobs" in json.loads(request.body):
+            return Reply(400, b'{"error": {"message": "Unrecognized request argument supplied: prompt_logprobs"}}')
+        return Reply.json(logprob_reply({"Dog": -0.2}, "Dog"))
+
+    with LoopbackServer({"POST /v1/chat/completions": hosted}) as server:
+        engine = OpenAIEngine(f"{server.url}/v1", "m", samples=2)
+        scores = engine.score_options([noise_image(10, 10)], "Which label?\n- Cat\n- Dog\n- Other", LABELS)
+        engine.score_options([noise_image(10, 10)], "Which label?", LABELS)
+        bodies = [json.loads(seen.body) for seen in server.seen]
+    assert sum("prompt_logprobs" in body for body in bodies) == 1
+    assert engine.scoring_method == "agreement" and "no prompt log-probabilities" in engine.scoring_reason
+    assert not any("A. Cat" in json.dumps(body) for body in bodies), "a closed question is never lettered"
+    assert scores.probabilities[0].argmax() == 1

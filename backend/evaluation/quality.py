@@ -75,7 +75,7 @@ def _as_label_studio_sends(world: World, kind: str) -> tuple[str, list[dict]]:
 
 
 def _predict(client, engine, config: str, tasks: list[dict], batch: int = 16) -> _Run:
-    passes, tokens = getattr(engine, "forward_passes", 0), getattr(engine, "tokens_processed", 0)
+    passes, tokens = engine.forward_passes, engine.tokens_processed
     predictions = []
     for start in range(0, len(tasks), batch):
         body = {"tasks": tasks[start : start + batch], "label_config": config, "project": PROJECT,
@@ -84,8 +84,7 @@ def _predict(client, engine, config: str, tasks: list[dict], batch: int = 16) ->
         if response.status_code != 200:
             raise RuntimeError(f"/predict answered {response.status_code}: {response.get_data(as_text=True)[:300]}")
         predictions += response.get_json()["results"]
-    return _Run(predictions, getattr(engine, "forward_passes", 0) - passes,
-                getattr(engine, "tokens_processed", 0) - tokens)  # fmt: skip
+    return _Run(predictions, engine.forward_passes - passes, engine.tokens_processed - tokens)
 
 
 def _box_outcomes(world: World, run: _Run) -> list[list[tuple[float, bool]]]:
@@ -519,8 +518,22 @@ def _images_and_shapes(world: World) -> tuple[list[Image.Image], list[_Shape]]:
     return images, shapes
 
 
-def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = print) -> dict:
-    """Generate the held-out world, predict, review, and write report.json, summary.md and plots into ``out``."""
+def _through_server(model: str, base_url: str, served_model: str, state: Path) -> dict[str, str]:
+    """The settings that put ``served_model`` at ``base_url`` behind the backend; ``model`` is the same checkpoint
+    on disk, whose vision tower the downstream classifier starts from (a server has none to lend)."""
+    from backend.training.backbone import classifier_backbone
+
+    backbone = classifier_backbone(configured=None, serving_model=model, model_dir=state)
+    return {"MLLM_PROVIDER": "openai", "OPENAI_BASE_URL": base_url, "MLLM_MODEL": served_model,
+            "CLASSIFIER_BACKBONE": backbone}  # fmt: skip
+
+
+def run_quality(out: Path, *, tasks: int, seed: int, model: str, base_url: str | None = None,
+                served_model: str | None = None, log: Log = print) -> dict:  # fmt: skip
+    """Generate the held-out world, predict, review, and write report.json, summary.md and plots into ``out``.
+
+    With ``base_url``, every question goes to the OpenAI-compatible server there (``served_model``, by default the
+    server's name for ``model``), as a deployment with a shared vLLM runs it."""
     from backend.reviews import ReviewStore
     from backend.settings import Settings
 
@@ -530,16 +543,18 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = prin
     world = write_world(out / "world", tasks=tasks, seed=seed)
     images, shapes = _images_and_shapes(world)
     boxes = len(shapes)
-    log(f"world {WORLD_VERSION}, seed {seed}: {tasks} tasks, {boxes} boxes")
+    log(f"world {WORLD_VERSION}, seed {seed}: {tasks} tasks, {boxes} boxes"
+        + (f", through {base_url}" if base_url else ", in process"))  # fmt: skip
     config, sent = _as_label_studio_sends(world, "boxes")
-    settings = Settings.from_env({"MLLM_MODEL": model, "MODEL_DIR": str(out / "state")})  # the defaults
+    served = _through_server(model, base_url, served_model or model, out / "backbone") if base_url else {}
+    settings = Settings.from_env({"MLLM_MODEL": model, "MODEL_DIR": str(out / "state"), **served})  # the defaults
     critic_default = settings.critic
-    client, engine = _backend(model, out / "state-critic-flipped", CRITIC="off" if critic_default else "on")
+    client, engine = _backend(model, out / "state-critic-flipped", CRITIC="off" if critic_default else "on", **served)
     flipped = _predict(client, engine, config, sent)  # the same boxes with the critic the other way round
     flipped_outcomes = _box_outcomes(world, flipped)
     flipped_scores = [float(p["score"]) for p in flipped.predictions]
 
-    client, engine = _backend(model, out / "state")  # the defaults: what a user gets
+    client, engine = _backend(model, out / "state", **served)  # the defaults: what a user gets
     run = _predict(client, engine, config, sent)
     outcomes = _box_outcomes(world, run)
     task_scores = [float(p["score"]) for p in run.predictions]
@@ -548,7 +563,8 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, log: Log = prin
     labels = [ok for task in outcomes for _, ok in task]
     report: dict = {
         "schema_version": SCHEMA_VERSION, "world_version": WORLD_VERSION, "seed": seed, "tasks": tasks,
-        "boxes": boxes, "model": model, "critic_default": critic_default,
+        "boxes": boxes, "model": model, "critic_default": critic_default, "server": base_url,
+        "scoring": getattr(engine, "scoring_method", "in process"),
         "box_accuracy": float(np.mean(labels)) if labels else None,
     }  # fmt: skip
     report.update(suspicion(task_scores, outcomes, confidence))

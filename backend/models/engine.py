@@ -62,9 +62,21 @@ class Generation:
 
 
 class Engine(Protocol):
-    """A multimodal model behind some provider."""
+    """A multimodal model behind some provider.
+
+    Its usage counters only grow: ``forward_passes`` (model calls: forward passes in process, one prefill per
+    request through a server), ``tokens_processed`` (input tokens), ``requests_sent`` (HTTP requests; 0 in
+    process). ``scoring_method`` is how :meth:`score_options` scores ("full-label": every option's own tokens;
+    "letters": the first answer token of lettered options; "agreement": shares of sampled answers), and
+    ``scoring_reason`` why that method (what the server offers).
+    """
 
     name: str
+    forward_passes: int
+    tokens_processed: int
+    requests_sent: int
+    scoring_method: str
+    scoring_reason: str
 
     def score_options(self, images: Sequence[Image.Image], prompt: str, options: Sequence[str]) -> OptionScores:
         """Score every option as the whole answer to ``prompt`` about each image."""

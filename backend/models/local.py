@@ -200,6 +200,9 @@ class TransformersEngine:
         self.prefix_cache = prefix_cache
         self.forward_passes = 0
         self.tokens_processed = 0  # input tokens through the model, for the cost report
+        self.requests_sent = 0  # no server
+        self.scoring_method = "full-label"
+        self.scoring_reason = "in process: every option's tokens are scored by the model itself"
         self.vision_passes = 0  # images through the vision tower
         self.prefill_tokens = 0  # prompt tokens (image tokens included) through the model; answers excluded
         self.image_prefixes = ImagePrefixes(image_cache_mb * 2**20)

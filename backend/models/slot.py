@@ -66,6 +66,11 @@ class EngineSlot:
         finally:
             self._ready.set()
 
+    @property
+    def loaded(self) -> Engine | None:
+        """The engine if it has loaded, without waiting."""
+        return self._engine if self._ready.is_set() else None
+
     def get(self, timeout: float) -> Engine:
         """The loaded engine, waiting up to ``timeout`` seconds for a load in progress."""
         self.start()
