@@ -224,10 +224,12 @@ def run_bench(repeats: int = 15, checkpoint: Path | None = None, peer_tasks: int
         end_to_end = _end_to_end(path, engine)
     from backend.evaluation.peers import run_peers
     from backend.evaluation.through_server import openai_vs_direct
+    from backend.evaluation.through_vllm import vllm_bench
     from backend.evaluation.workers import workers_bench
 
     shapes = _on_the_shapes_model(run_peers, tasks=peer_tasks)
     server = _on_the_shapes_model(openai_vs_direct, tasks=max(2, peer_tasks // 4))
+    vllm = _on_the_shapes_model(vllm_bench, tasks=peer_tasks)
     redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
     workers = _on_the_shapes_model(workers_bench, tasks=WORKER_TASKS, redis_url=redis_url)
     return {
@@ -257,6 +259,7 @@ def run_bench(repeats: int = 15, checkpoint: Path | None = None, peer_tasks: int
         "workers": {"1": workers["1"]["tasks_per_s"], "2": workers["2"]["tasks_per_s"], "speedup": workers["speedup"]},
         "shapes_model": shapes,
         "through_openai_server": server,
+        "through_vllm": vllm,
         "preannotation_workers": workers,
     }
 

@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     quality.add_argument("--base-url", help="ask an OpenAI-compatible server (its /v1 address, e.g. a vLLM serving "
                          "--model) instead of loading the model in process")  # fmt: skip
     quality.add_argument("--served-model", help="the server's name for the model (default: --model)")
+    quality.add_argument("--boxes-only", action="store_true", help="stop after the box labels and their "
+                         "suspicion figures (box accuracy, AUROCs): a quick check, e.g. of a server")  # fmt: skip
 
     shapes = commands.add_parser(
         "shapes-model", help="write the trained shapes model (a LLaVA-architecture checkpoint) to DIR",
@@ -277,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
 
         seed = REPORT_SEED if args.seed is None else args.seed
         report = run_quality(args.out, tasks=args.tasks, seed=seed, model=args.model or str(SHIPPED),
-                             base_url=args.base_url, served_model=args.served_model)  # fmt: skip
+                             base_url=args.base_url, served_model=args.served_model,
+                             boxes_only=args.boxes_only)  # fmt: skip
         print((args.out / "summary.md").read_text())
         print(f"box_accuracy {report['box_accuracy']:.3f}; wrote {args.out}")
     elif args.command == "shapes-model":

@@ -12,6 +12,7 @@ from backend.labelstudio.client import LabelStudioSites, ModelVersionSync
 from backend.labelstudio.connection import KeyCheck, ProjectSetup
 from backend.labelstudio.media import ImageLoader, MediaLimits
 from backend.models.engine import Engine
+from backend.models.providers import PROVIDERS, EngineRequest
 from backend.models.slot import EngineSlot
 from backend.models.text_encoder import SentenceEncoder
 from backend.predictor import Predictor
@@ -49,38 +50,9 @@ def engine_factory(
     model = model or settings.mllm_model
     base_url = base_url or settings.openai_base_url
 
-    def load_local() -> Engine:
-        from backend.models.local import TransformersEngine  # torch import is slow: only in the loader
-
-        return TransformersEngine.load(
-            model,
-            settings.mllm_device,
-            quantization=settings.mllm_quantization,  # type: ignore[arg-type]
-            batch_size=settings.mllm_batch_size,
-            option_scoring=settings.mllm_option_scoring,  # type: ignore[arg-type]
-            prefix_cache=settings.mllm_prefix_cache,
-            option_batch_size=settings.mllm_option_batch_size,
-            image_cache_mb=settings.mllm_image_cache_mb,
-        )
-
-    def load_remote() -> Engine:
-        from backend.models.remote import OpenAIEngine
-
-        assert base_url is not None  # Settings guarantees it for this provider
-        return OpenAIEngine(
-            base_url,
-            model,
-            api_key=settings.openai_api_key,
-            timeout=settings.openai_timeout,
-            max_retries=settings.openai_max_retries,
-            concurrency=settings.openai_concurrency,
-            samples=settings.openai_samples,
-            map_answer=mapper.index if mapper is not None else None,
-            option_scoring=settings.mllm_option_scoring,  # type: ignore[arg-type]
-            scoring=settings.openai_scoring,
-        )
-
-    return load_remote if provider == "openai" else load_local
+    request = EngineRequest(settings, model, base_url, mapper.index if mapper is not None else None)
+    build = PROVIDERS[provider]  # Settings checked the name against the same registry
+    return lambda: build(request)
 
 
 def image_loader(settings: Settings, cache: bool = True) -> ImageLoader:

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 from backend.annotate.choice import LABEL_MODES
 from backend.annotate.tagging import TAG_METHODS
 from backend.labelstudio.regions import REGION_VIEWS
+from backend.models.providers import PROVIDERS as ENGINE_PROVIDERS
+from backend.models.providers import SERVED
 from backend.training import TRAINING_LOSSES
 
 PACKAGE_PROMPTS = Path(__file__).resolve().parent / "default_prompts"  # prompts/, also inside an installed wheel
@@ -26,7 +28,7 @@ class SettingsError(ValueError):
     """A configuration value is missing or wrong; the message says which and how to fix it."""
 
 
-PROVIDERS = ("transformers", "openai")
+PROVIDERS = tuple(ENGINE_PROVIDERS)
 QUANTIZATIONS = ("none", "4bit", "8bit")
 OPTION_SCORINGS = ("mean", "sum")
 SERVER_SCORINGS = ("full-label", "first-token")  # OPENAI_SCORING: see backend/models/remote.py
@@ -213,18 +215,19 @@ class _Reader:
             )
         provider = self.choice("MLLM_PROVIDER", "transformers", PROVIDERS)
         openai_url = self.url("OPENAI_BASE_URL", example="http://localhost:8000/v1")
-        if provider == "openai" and openai_url is None:
+        if provider in SERVED and openai_url is None:
             raise SettingsError(
-                "MLLM_PROVIDER=openai needs OPENAI_BASE_URL; set it to the server's /v1 address, "
+                f"MLLM_PROVIDER={provider} needs OPENAI_BASE_URL; set it to the server's /v1 address, "
                 "e.g. http://localhost:8000/v1 (vLLM) or http://localhost:11434/v1 (Ollama)"
             )
         if (
             self.text("CRITIC_MODEL")
-            and self.text("CRITIC_PROVIDER") == "openai"
+            and (self.text("CRITIC_PROVIDER") or "").lower() in SERVED
             and not (self.text("CRITIC_BASE_URL") or openai_url)
         ):
             raise SettingsError(
-                "CRITIC_PROVIDER=openai needs CRITIC_BASE_URL (or OPENAI_BASE_URL); set it to the /v1 address"
+                f"CRITIC_PROVIDER={self.text('CRITIC_PROVIDER')} needs CRITIC_BASE_URL (or OPENAI_BASE_URL); set it "
+                "to the /v1 address"
             )
         device = (self.text("MLLM_DEVICE") or "auto").lower()
         if not _DEVICE.match(device):

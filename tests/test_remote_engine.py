@@ -249,3 +249,19 @@ def test_a_server_that_refuses_prompt_logprobs_by_name_falls_back_once_and_says_
     assert engine.scoring_method == "agreement" and "no prompt log-probabilities" in engine.scoring_reason
     assert not any("A. Cat" in json.dumps(body) for body in bodies), "a closed question is never lettered"
     assert scores.probabilities[0].argmax() == 1
+
+
+def test_each_provider_name_builds_its_own_engine_from_one_registry(tiny_llava):
+    from backend.models.local import TransformersEngine
+    from backend.models.providers import PROVIDERS
+    from backend.service import engine_factory
+    from backend.settings import PROVIDERS as NAMES
+    from backend.settings import Settings, SettingsError
+
+    assert tuple(PROVIDERS) == NAMES
+    settings = Settings.from_env({"MLLM_MODEL": str(tiny_llava), "MLLM_PROVIDER": "openai",
+                                  "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})  # fmt: skip
+    assert isinstance(engine_factory(settings)(), OpenAIEngine)
+    assert isinstance(engine_factory(settings, provider="transformers")(), TransformersEngine)
+    with pytest.raises(SettingsError, match="MLLM_PROVIDER='vllm' is not supported; set it to one of transformers"):
+        Settings.from_env({"MLLM_MODEL": "m", "MLLM_PROVIDER": "vllm"})

@@ -103,3 +103,24 @@ def _images(count: int):
     from tests.conftest import noise_image
 
     return [noise_image(24, 24, seed) for seed in range(count)]
+
+
+def test_a_question_longer_than_the_servers_context_is_that_tasks_error_naming_the_flag(vllm_url, tmp_path):
+    """The shapes model's context is 512 tokens: a label list far longer gives the task an error, not a 500."""
+    import base64
+
+    from backend.server import create_app
+    from backend.service import build_service
+    from backend.settings import Settings
+    from tests.conftest import png_bytes
+
+    settings = Settings.from_env({"MLLM_PROVIDER": "openai", "OPENAI_BASE_URL": vllm_url, "MLLM_MODEL": "shapes",
+                                  "MODEL_DIR": str(tmp_path), "CRITIC": "off"})  # fmt: skip
+    client = create_app(build_service(settings)).test_client()
+    choices = "".join(f'<Choice value="shape number {i}"/>' for i in range(300))
+    config = f'<View><Image name="i" value="$i"/><Choices name="c" toName="i">{choices}</Choices></View>'
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(_images(1)[0])).decode()
+    response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"i": image}}], "label_config": config})
+    assert response.status_code == 200
+    [result] = response.get_json()["results"]
+    assert "512 tokens" in result["error"] and "--max-model-len" in result["error"], result

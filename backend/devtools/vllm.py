@@ -28,12 +28,13 @@ SERVED_NAME = "shapes"
 START_TIMEOUT = 600.0  # 60-90 s on an idle 2-core machine; much longer while a test suite loads the cores
 _CUDA_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 
-# The flags this backend needs from vLLM, whatever the device: the compose file passes the same ones.
+# The flags this backend needs from vLLM, whatever the device: docker-compose.yml passes the same ones.
 SERVE_FLAGS = (
-    "--model-impl", "transformers",
-    "--max-logprobs", "20",  # the most top_logprobs a request may ask for (hosted APIs allow 20 too)
-    "--enable-prefix-caching",
+    "--max-logprobs", "20",  # the most top_logprobs (and prompt_logprobs) a request may ask for; hosted APIs allow 20
+    "--enable-prefix-caching",  # an image's questions share their prefix (not those asking for prompt_logprobs)
 )  # fmt: skip
+# The CPU build's own: vLLM's LLaVA imports the Pixtral processor, which needs torchvision; float32 on the CPU.
+CPU_FLAGS = ("--model-impl", "transformers", "--dtype", "float32")
 
 
 def ensure_vllm(venv: Path = DEFAULT_VENV, log: Callable[[str], None] = print) -> Path:
@@ -58,7 +59,7 @@ def serve_command(python: Path, checkpoint: str | Path, port: int, *, served_nam
     length = ["--max-model-len", str(max_model_len)] if max_model_len else []
     return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
             "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), *length,
-            "--dtype", "float32", *SERVE_FLAGS]  # fmt: skip
+            *CPU_FLAGS, *SERVE_FLAGS]  # fmt: skip
 
 
 @contextmanager

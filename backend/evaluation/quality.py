@@ -529,11 +529,12 @@ def _through_server(model: str, base_url: str, served_model: str, state: Path) -
 
 
 def run_quality(out: Path, *, tasks: int, seed: int, model: str, base_url: str | None = None,
-                served_model: str | None = None, log: Log = print) -> dict:  # fmt: skip
+                served_model: str | None = None, boxes_only: bool = False, log: Log = print) -> dict:  # fmt: skip
     """Generate the held-out world, predict, review, and write report.json, summary.md and plots into ``out``.
 
     With ``base_url``, every question goes to the OpenAI-compatible server there (``served_model``, by default the
-    server's name for ``model``), as a deployment with a shared vLLM runs it."""
+    server's name for ``model``), as a deployment with a shared vLLM runs it. ``boxes_only`` stops after the box
+    labels and their suspicion figures (box accuracy, AUROCs, review at 20 %): the quick check of a server."""
     from backend.reviews import ReviewStore
     from backend.settings import Settings
 
@@ -549,11 +550,6 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, base_url: str |
     served = _through_server(model, base_url, served_model or model, out / "backbone") if base_url else {}
     settings = Settings.from_env({"MLLM_MODEL": model, "MODEL_DIR": str(out / "state"), **served})  # the defaults
     critic_default = settings.critic
-    client, engine = _backend(model, out / "state-critic-flipped", CRITIC="off" if critic_default else "on", **served)
-    flipped = _predict(client, engine, config, sent)  # the same boxes with the critic the other way round
-    flipped_outcomes = _box_outcomes(world, flipped)
-    flipped_scores = [float(p["score"]) for p in flipped.predictions]
-
     client, engine = _backend(model, out / "state", **served)  # the defaults: what a user gets
     run = _predict(client, engine, config, sent)
     outcomes = _box_outcomes(world, run)
@@ -564,10 +560,19 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, base_url: str |
     report: dict = {
         "schema_version": SCHEMA_VERSION, "world_version": WORLD_VERSION, "seed": seed, "tasks": tasks,
         "boxes": boxes, "model": model, "critic_default": critic_default, "server": base_url,
-        "scoring": getattr(engine, "scoring_method", "in process"),
-        "box_accuracy": float(np.mean(labels)) if labels else None,
+        "scoring": engine.scoring_method, "box_accuracy": float(np.mean(labels)) if labels else None,
     }  # fmt: skip
     report.update(suspicion(task_scores, outcomes, confidence))
+    report["calls_per_image"] = run.forward_passes / max(1, tasks)
+    report["tokens_per_box"] = run.tokens / max(1, boxes)
+    if boxes_only:
+        write(_finite(report), out)
+        return report
+    client, engine = _backend(model, out / "state-critic-flipped", CRITIC="off" if critic_default else "on", **served)
+    flipped = _predict(client, engine, config, sent)  # the same boxes with the critic the other way round
+    flipped_outcomes = _box_outcomes(world, flipped)
+    flipped_scores = [float(p["score"]) for p in flipped.predictions]
+    client, engine = _backend(model, out / "state", **served)
     flipped_auroc = auroc([-s for s in flipped_scores], [any(not ok for _, ok in task) for task in flipped_outcomes])
     with_critic, without = (
         (report["task_auroc"], flipped_auroc) if critic_default else (flipped_auroc, report["task_auroc"])
@@ -575,8 +580,6 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, base_url: str |
     report.update(
         task_auroc_with_critic=with_critic, task_auroc_without_critic=without, critic_auroc_gain=with_critic - without
     )  # NaN when no task holds a wrong label
-    report["calls_per_image"] = run.forward_passes / max(1, tasks)
-    report["tokens_per_box"] = run.tokens / max(1, boxes)
     report.update(review_sample(task_scores, outcomes))
     report.update(calibration(client, engine, world, config, sent, outcomes, task_scores,
                               out / "state" / "reviews.sqlite3"))  # fmt: skip
@@ -640,7 +643,7 @@ def summary(report: dict) -> str:
     lines = [f"# Label quality on the shapes world ({report['world_version']}, seed {report['seed']})", "",
              f"{report['tasks']} tasks, {report['boxes']} boxes, model `{report['model']}`.", "",
              "| metric | value |", "| --- | --- |"]  # fmt: skip
-    lines += [f"| `{key}` | {_fmt(report.get(key))} |" for key in KEYS]
+    lines += [f"| `{key}` | {_fmt(report.get(key))} |" for key in KEYS if key in report]
     modes = report.get("label_modes") or {}
     if modes:
         lines += ["", "Box labels asked each way (mode/cyclic orders averaged), on the same boxes:", "",

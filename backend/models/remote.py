@@ -194,6 +194,12 @@ class OpenAIEngine:
                 f"the model server at {self.base_url} refused the key (HTTP {response.status_code}); "
                 "check OPENAI_API_KEY"
             )
+        if response.status_code == 400 and "context length" in response.text:  # vLLM's and SGLang's wording
+            raise EngineError(
+                f"the question is longer than the model server's context ({self._context_length()} tokens: "
+                "max_model_len in its /v1/models); serve the model with a larger --max-model-len (vLLM; "
+                "--context-length for SGLang), or ask about fewer labels at once"
+            )
         if response.status_code >= 400:
             detail = self._scrub(response.text[:300])
             raise EngineError(f"the model server answered HTTP {response.status_code}: {detail}")
@@ -206,6 +212,14 @@ class OpenAIEngine:
                 f"the model server at {self.base_url} sent an answer that is not a chat completion"
             ) from None
         return payload
+
+    def _context_length(self) -> str:
+        """The served model's ``max_model_len`` as ``/v1/models`` lists it (vLLM, SGLang), or "unknown"."""
+        try:
+            listed = self.session.get(f"{self.base_url}/models", headers=self._headers(), timeout=5).json()["data"]
+            return str(next(int(m["max_model_len"]) for m in listed if m.get("id") == self.model))
+        except (requests.RequestException, ValueError, KeyError, TypeError, StopIteration):
+            return "unknown"
 
     @staticmethod
     def _backoff(attempt: int, retry_after: str | None) -> float:
