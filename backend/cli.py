@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from backend.review_plan import FLOOR, SELECTION_RULES
-from backend.settings import Settings, SettingsError
+from backend.settings import SERVER_SCORINGS, Settings, SettingsError
 from backend.training import TRAINING_LOSSES
 
 TINY_HELP = (
@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     quality.add_argument("--base-url", help="ask an OpenAI-compatible server (its /v1 address, e.g. a vLLM serving "
                          "--model) instead of loading the model in process")  # fmt: skip
     quality.add_argument("--served-model", help="the server's name for the model (default: --model)")
+    quality.add_argument("--scoring", choices=SERVER_SCORINGS, default="full-label",
+                         help="with --base-url: OPENAI_SCORING (default full-label)")  # fmt: skip
     quality.add_argument("--boxes-only", action="store_true", help="stop after the box labels and their "
                          "suspicion figures (box accuracy, AUROCs): a quick check, e.g. of a server")  # fmt: skip
 
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
 
         seed = REPORT_SEED if args.seed is None else args.seed
         report = run_quality(args.out, tasks=args.tasks, seed=seed, model=args.model or str(SHIPPED),
-                             base_url=args.base_url, served_model=args.served_model,
+                             base_url=args.base_url, served_model=args.served_model, scoring=args.scoring,
                              boxes_only=args.boxes_only)  # fmt: skip
         print((args.out / "summary.md").read_text())
         print(f"box_accuracy {report['box_accuracy']:.3f}; wrote {args.out}")

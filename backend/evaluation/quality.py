@@ -518,23 +518,25 @@ def _images_and_shapes(world: World) -> tuple[list[Image.Image], list[_Shape]]:
     return images, shapes
 
 
-def _through_server(model: str, base_url: str, served_model: str, state: Path) -> dict[str, str]:
+def _through_server(model: str, base_url: str, served_model: str, state: Path, scoring: str) -> dict[str, str]:
     """The settings that put ``served_model`` at ``base_url`` behind the backend; ``model`` is the same checkpoint
     on disk, whose vision tower the downstream classifier starts from (a server has none to lend)."""
     from backend.training.backbone import classifier_backbone
 
     backbone = classifier_backbone(configured=None, serving_model=model, model_dir=state)
     return {"MLLM_PROVIDER": "openai", "OPENAI_BASE_URL": base_url, "MLLM_MODEL": served_model,
-            "CLASSIFIER_BACKBONE": backbone}  # fmt: skip
+            "CLASSIFIER_BACKBONE": backbone, "OPENAI_SCORING": scoring}  # fmt: skip
 
 
 def run_quality(out: Path, *, tasks: int, seed: int, model: str, base_url: str | None = None,
-                served_model: str | None = None, boxes_only: bool = False, log: Log = print) -> dict:  # fmt: skip
+                served_model: str | None = None, scoring: str = "full-label", boxes_only: bool = False,
+                log: Log = print) -> dict:  # fmt: skip
     """Generate the held-out world, predict, review, and write report.json, summary.md and plots into ``out``.
 
     With ``base_url``, every question goes to the OpenAI-compatible server there (``served_model``, by default the
-    server's name for ``model``), as a deployment with a shared vLLM runs it. ``boxes_only`` stops after the box
-    labels and their suspicion figures (box accuracy, AUROCs, review at 20 %): the quick check of a server."""
+    server's name for ``model``; ``scoring`` is OPENAI_SCORING), as a deployment with a shared vLLM runs it.
+    ``boxes_only`` stops after the box labels and their suspicion figures (box accuracy, AUROCs, review at 20 %):
+    the quick check of a server."""
     from backend.reviews import ReviewStore
     from backend.settings import Settings
 
@@ -547,7 +549,7 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, base_url: str |
     log(f"world {WORLD_VERSION}, seed {seed}: {tasks} tasks, {boxes} boxes"
         + (f", through {base_url}" if base_url else ", in process"))  # fmt: skip
     config, sent = _as_label_studio_sends(world, "boxes")
-    served = _through_server(model, base_url, served_model or model, out / "backbone") if base_url else {}
+    served = _through_server(model, base_url, served_model or model, out / "backbone", scoring) if base_url else {}
     settings = Settings.from_env({"MLLM_MODEL": model, "MODEL_DIR": str(out / "state"), **served})  # the defaults
     critic_default = settings.critic
     client, engine = _backend(model, out / "state", **served)  # the defaults: what a user gets

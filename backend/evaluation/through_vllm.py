@@ -77,8 +77,9 @@ def _bench(model: str, base_url: str, served: str, *, tasks: int, seed: int, wor
     from backend.annotate.mapping import LabelMapper
     from backend.evaluation.peers import task_crops
     from backend.evaluation.quality import _as_label_studio_sends, _backend, _predict
-    from backend.models.remote import OpenAIEngine, image_data_url
+    from backend.models.remote import OpenAIEngine
     from backend.models.text_encoder import SentenceEncoder
+    from backend.models.wire import image_data_url
     from backend.prompts import PromptBook, format_labels
     from backend.settings import Settings
     from backend.shapes.world import CLASSES, write_world
