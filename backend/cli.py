@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     quality.add_argument("--base-url", help="ask an OpenAI-compatible server (its /v1 address, e.g. a vLLM serving "
                          "--model) instead of loading the model in process")  # fmt: skip
     quality.add_argument("--served-model", help="the server's name for the model (default: --model)")
+    quality.add_argument("--vllm", action="store_true", help="start a local vLLM (CPU build, installed on first "
+                         "use) serving --model for this run, and ask it (as --base-url would)")  # fmt: skip
     quality.add_argument("--scoring", choices=SERVER_SCORINGS, default="full-label",
                          help="with --base-url: OPENAI_SCORING (default full-label)")  # fmt: skip
     quality.add_argument("--boxes-only", action="store_true", help="stop after the box labels and their "
@@ -280,9 +283,12 @@ def main(argv: list[str] | None = None) -> None:
         from backend.shapes.training import SHIPPED
 
         seed = REPORT_SEED if args.seed is None else args.seed
-        report = run_quality(args.out, tasks=args.tasks, seed=seed, model=args.model or str(SHIPPED),
-                             base_url=args.base_url, served_model=args.served_model, scoring=args.scoring,
-                             boxes_only=args.boxes_only)  # fmt: skip
+        model = args.model or str(SHIPPED)
+        with _vllm_for(model, args.vllm) as started:
+            report = run_quality(args.out, tasks=args.tasks, seed=seed, model=model,
+                                 base_url=started or args.base_url, served_model=args.served_model or
+                                 ("shapes" if started else None), scoring=args.scoring,
+                                 boxes_only=args.boxes_only)  # fmt: skip
         print((args.out / "summary.md").read_text())
         print(f"box_accuracy {report['box_accuracy']:.3f}; wrote {args.out}")
     elif args.command == "shapes-model":
@@ -337,3 +343,15 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@contextlib.contextmanager
+def _vllm_for(model: str, wanted: bool):
+    """A vLLM serving ``model`` for the block (its /v1 URL), or None when not ``wanted``."""
+    if not wanted:
+        yield None
+        return
+    from backend.devtools.vllm import vllm_server
+
+    with vllm_server(model) as url:
+        yield url
