@@ -45,6 +45,7 @@ from backend.labelstudio.regions import (
 )
 from backend.labelstudio.tasks import user_regions
 from backend.models.engine import Engine, EngineUnavailable
+from backend.models.providers import SERVED
 from backend.models.slot import EngineSlot
 from backend.prompts import PromptBook
 from backend.reviews import ReviewStore
@@ -129,6 +130,8 @@ def model_version(s: Settings, prompts: PromptBook) -> str:
              f"{s.label_mode}/{s.option_orders}",
              f"{s.box_padding:g}/{s.box_min_side}", f"critic={s.critic}:{s.critic_provider}:{s.critic_model}",
              f"cascade={s.cascade}:{s.cascade_threshold:g}"]  # fmt: skip
+    if s.mllm_provider in SERVED:  # full-label and first-token give different scores from the same server
+        parts.append(f"server-scoring={s.openai_scoring}")
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
     name = s.mllm_model.rstrip("/").split("/")[-1] or "model"
     return f"{name}-{digest}"

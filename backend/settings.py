@@ -42,6 +42,8 @@ class Settings:
     mllm_batch_size: int = 16
     mllm_option_batch_size: int = 256
     mllm_quantization: str = "none"
+    mllm_trust_remote_code: bool = False
+    mllm_chat_template: Path | None = None
     mllm_option_scoring: str = "mean"
     mllm_prefix_cache: bool = True
     mllm_image_cache_mb: int = 256
@@ -168,6 +170,14 @@ class _Reader:
             raise SettingsError(f"{name}={value!r} is not supported; set it to one of {', '.join(allowed)}")
         return value
 
+    def existing_file(self, name: str) -> Path | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
+        if not Path(raw).is_file():
+            raise SettingsError(f"{name}={raw!r} is not a file; set it to the path of a Jinja chat template")
+        return Path(raw)
+
     def flag(self, name: str, default: bool) -> bool:
         raw = self.text(name)
         if raw is None:
@@ -260,6 +270,8 @@ class _Reader:
             mllm_batch_size=self.integer("MLLM_BATCH_SIZE", 16, 1),
             mllm_option_batch_size=self.integer("MLLM_OPTION_BATCH_SIZE", 256, 1),
             mllm_quantization=self.choice("MLLM_QUANTIZATION", "none", QUANTIZATIONS),
+            mllm_trust_remote_code=self.flag("MLLM_TRUST_REMOTE_CODE", False),
+            mllm_chat_template=self.existing_file("MLLM_CHAT_TEMPLATE"),
             mllm_option_scoring=self.choice("MLLM_OPTION_SCORING", "mean", OPTION_SCORINGS),
             mllm_prefix_cache=self.flag("MLLM_PREFIX_CACHE", True),
             mllm_image_cache_mb=self.integer("MLLM_IMAGE_CACHE_MB", 256, 0),

@@ -35,6 +35,18 @@ class OptionScores:
     logprobs: np.ndarray  # shape (n_images, n_options)
     mapped: np.ndarray | None = None  # per image: share of free-text answers mapped onto an option
 
+    def __post_init__(self) -> None:
+        """A NaN or +inf score (fp16 overflowing on a GPU without bf16, say) never reaches a response: the batch
+        fails with a reason, and the predictor retries its items one by one, each getting the error if it stays."""
+        scores = np.asarray(self.logprobs, dtype=np.float64)
+        if scores.size and (
+            np.isnan(scores).any() or np.isposinf(scores).any() or np.isneginf(scores).all(axis=1).any()
+        ):
+            raise EngineError(
+                "the model returned non-finite scores (NaN or infinity) for these images, as float16 can overflow; "
+                "run it in bfloat16 or float32 (a GPU with bf16, or MLLM_DEVICE=cpu)"
+            )
+
     @property
     def probabilities(self) -> np.ndarray:
         """Softmax over the options: each row sums to 1."""

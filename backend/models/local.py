@@ -85,6 +85,34 @@ def load_arguments(device: str, quantization: Quantization, requested_device: st
     return arguments
 
 
+def _load_refusal(model_id: str, reason: str) -> str:
+    if "custom code" in reason or "trust_remote_code" in reason:
+        return (f"MLLM_MODEL={model_id} runs code of its own from the checkpoint, which is off by default; read it, "
+                "then set MLLM_TRUST_REMOTE_CODE=true to run it")  # fmt: skip
+    if "Unrecognized configuration class" in reason:
+        return (
+            f"MLLM_MODEL={model_id} is not a model transformers can load as image-text-to-text "
+            f"(AutoModelForImageTextToText): {reason.splitlines()[0][:200]}; choose an image-text-to-text checkpoint"
+        )
+    return f"cannot load MLLM_MODEL={model_id}: {reason.splitlines()[0][:300] if reason else 'no reason given'}"
+
+
+def _check_servable(model_id: str, model: torch.nn.Module, processor) -> None:
+    """Refuse at load what would load and then fail every task."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise EngineError(f"MLLM_MODEL={model_id} is an encoder-decoder model (Florence-2-like), which this engine "
+                          "does not score; choose a decoder-only image-text-to-text checkpoint")  # fmt: skip
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise EngineError(
+            f"MLLM_MODEL={model_id}'s processor has no tokenizer; choose an image-text-to-text checkpoint"
+        )
+    if not (getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)):
+        raise EngineError(f"MLLM_MODEL={model_id} has no chat template, so its questions and answers cannot be "
+                          "rendered; set MLLM_CHAT_TEMPLATE to a Jinja template file in its prompt format (the model "
+                          "card gives it)")  # fmt: skip
+
+
 @dataclass
 class _Row:
     """One (image prompt, answer) pair to score."""
@@ -222,15 +250,27 @@ class TransformersEngine:
 
     @classmethod
     def load(
-        cls, model_id: str, device: str = "auto", quantization: Quantization = "none", **options: object
-    ) -> TransformersEngine:
-        """Load a hub id or local checkpoint through ``AutoProcessor`` / ``AutoModelForImageTextToText``."""
+        cls, model_id: str, device: str = "auto", quantization: Quantization = "none", *,
+        trust_remote_code: bool = False, chat_template: str | None = None, **options: object,
+    ) -> TransformersEngine:  # fmt: skip
+        """Load a hub id or local checkpoint through ``AutoProcessor`` / ``AutoModelForImageTextToText``, or raise
+        :class:`EngineError` saying why this checkpoint cannot serve (so ``/health`` is DOWN with the reason, not
+        "ready" with every task failing). ``trust_remote_code`` is always passed, so loading never asks on stdin;
+        ``chat_template`` is a Jinja file for a checkpoint that has none."""
         if quantization not in QUANTIZATIONS:
             raise EngineError(f"MLLM_QUANTIZATION={quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
         resolved = resolve_device(device)
         arguments = load_arguments(resolved, quantization, device)
-        processor = AutoProcessor.from_pretrained(model_id)
-        model = AutoModelForImageTextToText.from_pretrained(model_id, **arguments)
+        try:
+            processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+            model = AutoModelForImageTextToText.from_pretrained(
+                model_id, trust_remote_code=trust_remote_code, **arguments
+            )
+        except ValueError as exc:
+            raise EngineError(_load_refusal(model_id, str(exc))) from None
+        if chat_template:
+            processor.chat_template = Path(chat_template).read_text()
+        _check_servable(model_id, model, processor)
         if "device_map" not in arguments:
             model.to(resolved)
         return cls(model, processor, Path(model_id.rstrip("/")).name or model_id, **options)  # type: ignore[arg-type]

@@ -39,6 +39,8 @@ def _transformers(request: EngineRequest) -> Engine:
         prefix_cache=settings.mllm_prefix_cache,
         option_batch_size=settings.mllm_option_batch_size,
         image_cache_mb=settings.mllm_image_cache_mb,
+        trust_remote_code=settings.mllm_trust_remote_code,
+        chat_template=str(settings.mllm_chat_template) if settings.mllm_chat_template else None,
     )
 
 
