@@ -570,11 +570,11 @@ def run_quality(out: Path, *, tasks: int, seed: int, model: str, base_url: str |
     if boxes_only:
         write(_finite(report), out)
         return report
-    client, engine = _backend(model, out / "state-critic-flipped", CRITIC="off" if critic_default else "on", **served)
-    flipped = _predict(client, engine, config, sent)  # the same boxes with the critic the other way round
+    flipped_client, flipped_engine = _backend(model, out / "state-critic-flipped",
+                                              CRITIC="off" if critic_default else "on", **served)  # fmt: skip
+    flipped = _predict(flipped_client, flipped_engine, config, sent)  # the same boxes, the critic the other way
     flipped_outcomes = _box_outcomes(world, flipped)
     flipped_scores = [float(p["score"]) for p in flipped.predictions]
-    client, engine = _backend(model, out / "state", **served)
     flipped_auroc = auroc([-s for s in flipped_scores], [any(not ok for _, ok in task) for task in flipped_outcomes])
     with_critic, without = (
         (report["task_auroc"], flipped_auroc) if critic_default else (flipped_auroc, report["task_auroc"])

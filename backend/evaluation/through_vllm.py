@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
+
+from backend.models.strategies import match_answer
 
 _COUNTERS = ("vllm:prompt_tokens_total", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
              "vllm:mm_cache_queries_total", "vllm:mm_cache_hits_total", "vllm:request_success_total")  # fmt: skip
@@ -77,6 +78,7 @@ def _bench(model: str, base_url: str, served: str, *, tasks: int, seed: int, wor
     from backend.annotate.mapping import LabelMapper
     from backend.evaluation.peers import task_crops
     from backend.evaluation.quality import _as_label_studio_sends, _backend, _predict
+    from backend.models import wire
     from backend.models.remote import OpenAIEngine
     from backend.models.text_encoder import SentenceEncoder
     from backend.models.wire import image_data_url
@@ -114,9 +116,9 @@ def _bench(model: str, base_url: str, served: str, *, tasks: int, seed: int, wor
     mapper = LabelMapper(SentenceEncoder(settings.text_encoder), settings.mapping_min_similarity)
 
     def ask(max_tokens: int) -> list[str]:
-        with ThreadPoolExecutor(concurrency) as pool:
-            return list(pool.map(lambda url: direct.chat(url, question, max_tokens=max_tokens, temperature=0)
-                                 ["choices"][0]["message"].get("content") or "", urls))  # fmt: skip
+        return direct.transport.map(
+            lambda url: wire.content(direct.chat(url, question, max_tokens=max_tokens, temperature=0)), urls
+        )
 
     def generate_and_parse() -> list[str | None]:
         return [_mapped(text, CLASSES, mapper) for text in ask(16)]
@@ -136,8 +138,7 @@ def _bench(model: str, base_url: str, served: str, *, tasks: int, seed: int, wor
 def _mapped(text: str, labels: Sequence[str], mapper) -> str | None:
     """An exact or case-folded match, else the text encoder's nearest label (None when nothing is similar)."""
     cleaned = text.strip().strip(".\"'` -*")
-    for label in labels:
-        if cleaned.casefold() == label.casefold():
-            return label
-    index = mapper.index(cleaned, labels) if cleaned else None
+    index = match_answer(cleaned, labels, lettered=False)
+    if index is None and cleaned:
+        index = mapper.index(cleaned, labels)
     return labels[index] if index is not None else None

@@ -33,6 +33,7 @@ from urllib3.util import parse_url
 
 from backend import deadline
 from backend.labelstudio.auth import LabelStudioAuth, LabelStudioAuthError
+from backend.labelstudio.redirects import redact
 
 MAX_REDIRECTS = 3
 _CLOUD_SCHEMES = {"s3", "gs", "azure-blob", "azure-spi"}
@@ -131,20 +132,6 @@ def pinned_session(host: str, address: str) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
-
-
-def redact(url: str, keep_query: bool = False) -> str:
-    """The URL without credentials or fragment, and without query string (it may hold signatures)
-    unless ``keep_query``: Label Studio's own URLs carry only file names there."""
-    if url.startswith("data:"):
-        return url[: url.find(",")] + ",…" if "," in url else "data:…"
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname or "", f":{parts.port}" if parts.port else ""
-    except ValueError:  # an unreadable port or host: show no authority at all
-        return "(an unreadable URL)"
-    query = (f"?{parts.query}" if keep_query else "?…") if parts.query else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}{query}"
 
 
 class _ByteCache:

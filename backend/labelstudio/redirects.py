@@ -56,11 +56,11 @@ class SameOrigin:
 
     def check(self, url: str) -> None:
         if self.origin is None:
-            raise RedirectRefused(f"Label Studio's address {_shown(self.base_url)} is not a plain http(s) URL; set "
+            raise RedirectRefused(f"Label Studio's address {redact(self.base_url)} is not a plain http(s) URL; set "
                                   "LABEL_STUDIO_URL to one like http://localhost:8080")  # fmt: skip
         if origin(url) != self.origin:
             raise RedirectRefused(
-                f"Label Studio at {self.base_url} redirects to {_shown(url)}; set LABEL_STUDIO_URL to "
+                f"Label Studio at {self.base_url} redirects to {redact(url)}; set LABEL_STUDIO_URL to "
                 f"{self._suggested_base(url)} if that is your Label Studio"
             )
 
@@ -71,22 +71,25 @@ class SameOrigin:
     def _suggested_base(self, url: str) -> str:
         """Where LABEL_STUDIO_URL would point if ``url`` is the real Label Studio: its origin, plus the base's path
         when the redirect kept it (Label Studio served under a path prefix)."""
-        shown = urlsplit(_shown(url))
+        shown = urlsplit(redact(url))
         prefix = urlsplit(self.base_url).path.rstrip("/")
         kept = prefix and (shown.path == prefix or shown.path.startswith(prefix + "/"))
         return f"{shown.scheme}://{shown.netloc}{prefix if kept else ''}"
 
 
-def _shown(url: str) -> str:
-    """The URL as a message may show it: no credentials, fragment or query string (they may hold secrets)."""
+def redact(url: str, keep_query: bool = False) -> str:
+    """The URL as a message may show it: no credentials or fragment, and no query string (it may hold signatures)
+    unless ``keep_query``: Label Studio's own URLs carry only file names there."""
+    if url.startswith("data:"):
+        return url[: url.find(",")] + ",…" if "," in url else "data:…"
     try:
         parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
+        host, port = parts.hostname or "", f":{parts.port}" if parts.port else ""
+    except ValueError:  # an unreadable port or host: show no authority at all
         return "(an unreadable URL)"
-    host = f"[{host}]" if ":" in host else host
-    return f"{parts.scheme}://{host}{port}{parts.path}{'?…' if parts.query else ''}"
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address keeps its brackets, so the URL reads back
+    query = (f"?{parts.query}" if keep_query else "?…") if parts.query else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}{query}"
 
 
 class _SameOriginAdapter(HTTPAdapter):
