@@ -25,8 +25,8 @@ def images(count: int, seed: int = 0):
 def _reference_logprob(engine: TransformersEngine, image, prompt: str, option: str) -> float:
     """Independent check: the whole conversation in one plain forward, summing the answer's log-probs."""
     prefix = engine.chat_prefix(prompt)
-    answer = list(engine._answer_ids(prompt, option))
-    encoded = engine.processor(images=[image], text=[prefix], return_tensors="pt")
+    answer = list(engine._answer_ids(option))
+    encoded = engine.processor(images=[image], text=[prefix], return_tensors="pt", **engine._tokenizing)
     ids = torch.cat([encoded["input_ids"], torch.tensor([answer])], dim=1)
     inputs = {k: v for k, v in encoded.items() if k not in {"input_ids", "attention_mask"}}
     with torch.no_grad():
@@ -133,7 +133,7 @@ def test_the_image_prefix_store_keeps_to_its_budget(tiny_llava):
 def test_answer_tokens_are_the_label_then_end_of_turn(llava_engine):
     tokenizer = llava_engine.tokenizer
     for label in LABELS:
-        ids = list(llava_engine._answer_ids(PROMPT, label))
+        ids = list(llava_engine._answer_ids(label))
         assert ids[-1] == tokenizer.eos_token_id
         assert tokenizer.decode(ids[:-1]).strip() == label
 
@@ -142,7 +142,7 @@ def test_mean_scoring_gives_no_option_an_edge_for_its_length(tiny_llava):
     options = ["cat", "cat cat cat cat cat cat", "traffic light"]
     for method in ("mean", "sum"):
         engine = TransformersEngine.load(str(tiny_llava), "cpu", option_scoring=method)
-        lengths = [len(engine._answer_ids(PROMPT, o)) for o in options]
+        lengths = [len(engine._answer_ids(o)) for o in options]
         assert len(set(lengths)) == 3
         with torch.no_grad():  # a model with no preference: every token has probability 1 / vocabulary
             engine.model.get_output_embeddings().weight.zero_()
@@ -190,8 +190,8 @@ def test_answer_tokens_do_not_depend_on_the_prompt_so_they_are_worked_out_once(c
     engine = TransformersEngine.load(str(request.getfixturevalue(checkpoint)), "cpu")
     prompts = [PROMPT, "Which label? " + ", ".join(f"label {i}" for i in range(300)) + "\nAnswer:", "x"]
     for option in ["cat", "Chat, domestique", "猫", " leading space", "a\nb", "label 12"]:
-        rendered = {engine._tokenize_answer(prompt, option) for prompt in prompts}
-        assert rendered == {engine._answer_ids(PROMPT, option)}, option
+        rendered = {engine.chat.answer(option, question=prompt).ids for prompt in prompts}
+        assert rendered == {engine._answer_ids(option)}, option
 
 
 def test_a_question_too_long_to_continue_a_stored_prefix_prefills_its_image_again(tiny_llava, monkeypatch):

@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +22,7 @@ from transformers.cache_utils import DynamicLayer
 
 from backend import deadline
 from backend.deadline import DeadlineExceeded
+from backend.models.chat import ChatFormat
 from backend.models.engine import EngineError, Generation, OptionScores, OptionScoring, normalise
 from backend.models.image_prefixes import ImagePrefixes, Prefix, image_digest, split_prefixes, stack_layers
 
@@ -244,9 +245,10 @@ class TransformersEngine:
         self._input_device = next(self.model.parameters()).device
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._lock = threading.Lock()
-        self._option_ids = lru_cache(maxsize=65536)(partial(self._tokenize_answer, "?"))
+        self.chat = ChatFormat(processor, self.tokenizer)
+        self._option_ids = lru_cache(maxsize=65536)(lambda option: self.chat.answer(option).ids)
         self._question_ids = lru_cache(maxsize=1024)(self._split_after_image)
-        self._head_ids = lru_cache(maxsize=4)(lambda head: self.tokenizer(head)["input_ids"])
+        self._head_ids = lru_cache(maxsize=4)(self.chat.ids)
 
     @classmethod
     def load(
@@ -281,62 +283,36 @@ class TransformersEngine:
 
     # --- prompt and answer tokens -------------------------------------------------
 
-    def _messages(self, prompt: str) -> list[dict]:
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    @cached_property
+    def _tokenizing(self) -> dict[str, bool]:
+        """Processor arguments: no second BOS where the chat template writes one."""
+        return {} if self.chat.add_special_tokens else {"add_special_tokens": False}
 
     def chat_prefix(self, prompt: str) -> str:
-        return self.processor.apply_chat_template(self._messages(prompt), add_generation_prompt=True, tokenize=False)
-
-    def _image_head(self) -> str | None:
-        """The rendered conversation up to where the question's words start, if the image comes first."""
-        marker = "\ue000"  # a private-use character no prompt contains
-        rendered = self.chat_prefix(marker)
-        head = rendered[: rendered.index(marker)] if rendered.count(marker) == 1 else ""
-        image_token = getattr(self.processor, "image_token", None)
-        return head if image_token and image_token in head else None
+        return self.chat.prompt(prompt)
 
     def _split_after_image(self, prompt: str) -> tuple[str, tuple[int, ...]] | None:
         """The chat prefix as (image head, the question's token ids), or None unless they tokenize exactly apart."""
-        head, prefix = self._image_head(), self.chat_prefix(prompt)
+        head, prefix = self.chat.image_head(), self.chat_prefix(prompt)
         if head is None or not prefix.startswith(head):
             return None
         head_ids = self._head_ids(head)
         question_ids = self.tokenizer(prefix[len(head) :], add_special_tokens=False)["input_ids"]
         if not question_ids or len(question_ids) > SHARED_QUESTION_MAX_TOKENS:
             return None
-        if self.tokenizer(prefix)["input_ids"] != head_ids + question_ids:
+        if self.chat.ids(prefix) != head_ids + question_ids:
             return None  # a token spans the boundary: this prompt gets no shared prefix
         return head, tuple(question_ids)
 
-    def _answer_ids(self, prompt: str, option: str) -> tuple[int, ...]:
-        """The option's tokens exactly as they follow the prompt in a rendered conversation.
-
-        The assistant turn starts after the generation prompt, which closes the user turn, so its
-        tokens do not depend on what the user turn says: they are worked out once per option against
-        a one-character prompt. (Rendering the real prompt for every option cost O(labels²): a
-        prompt listing 1,000 labels, rendered and tokenized 1,000 times.)
-        """
+    def _answer_ids(self, option: str) -> tuple[int, ...]:
+        """The option's tokens exactly as the chat template renders them after the generation prompt
+        (:class:`backend.models.chat.ChatFormat`), worked out once per option."""
         deadline.check("tokenizing the answers")
         return self._option_ids(option)
 
-    def _tokenize_answer(self, prompt: str, option: str) -> tuple[int, ...]:
-        prefix = self.chat_prefix(prompt)
-        answer_turn = {"role": "assistant", "content": [{"type": "text", "text": option}]}
-        full = self.processor.apply_chat_template(self._messages(prompt) + [answer_turn], tokenize=False)
-        prefix_ids = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        full_ids = self.tokenizer(full, add_special_tokens=False)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        if full.startswith(prefix) and full_ids[: len(prefix_ids)] == prefix_ids and len(full_ids) > len(prefix_ids):
-            answer = list(full_ids[len(prefix_ids) :])
-            if eos in answer:
-                return tuple(answer[: answer.index(eos) + 1])
-        else:
-            answer = list(self.tokenizer(option, add_special_tokens=False)["input_ids"])
-        return tuple(answer + ([eos] if eos is not None else []))
-
     def _encode_prompt(self, image: Image.Image, prefix: str) -> dict[str, torch.Tensor]:
         try:
-            encoded = self.processor(images=[image], text=[prefix], return_tensors="pt")
+            encoded = self.processor(images=[image], text=[prefix], return_tensors="pt", **self._tokenizing)
         except Exception as exc:  # processors raise many types for odd images
             raise EngineError(f"the model's processor rejected a {image.width}x{image.height} image: {exc}") from exc
         return dict(encoded)
@@ -346,7 +322,11 @@ class TransformersEngine:
         if len(images) > 1:
             try:
                 batch = self.processor(
-                    images=list(images), text=[prefix] * len(images), return_tensors="pt", padding=True
+                    images=list(images),
+                    text=[prefix] * len(images),
+                    return_tensors="pt",
+                    padding=True,
+                    **self._tokenizing,
                 )
                 rows = _split_rows(dict(batch), len(images))
                 if rows is not None:
@@ -391,7 +371,7 @@ class TransformersEngine:
     def score_options(self, images: Sequence[Image.Image], prompt: str, options: Sequence[str]) -> OptionScores:
         if not options:
             raise EngineError("no options to score")
-        answers = [list(self._answer_ids(prompt, option)) for option in options]
+        answers = [list(self._answer_ids(option)) for option in options]
         split = self._question_ids(prompt) if self.shares_images and self.prefix_cache else None
         summed = None
         if split is not None:
