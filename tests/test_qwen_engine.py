@@ -1,68 +1,55 @@
-"""Qwen2.5-VL (3-D rotary positions) through the local engine's prefix cache.
+"""Qwen2.5-VL (3-D rotary positions) through the local engine's prefix cache, loaded as a user loads it.
 
-The model is a tiny random Qwen2.5-VL round-tripped through save_pretrained/from_pretrained.
-Its processor cannot be built on this machine: transformers' Qwen processors need
-torchvision, which does not run beside torch 2.13 (CPU). `QwenProcessorStandIn` stands in
-for it, built from the real `Qwen2VLImageProcessorPil` and a tokenizer: it expands each
-<|image_pad|> to the image's merged patch count and adds `mm_token_type_ids`, as the real one does.
+The checkpoint is a tiny random Qwen2.5-VL with the real ``Qwen2VLProcessor`` (real image processor, the
+public checkpoint's chat template, and a ``video_processor`` entry, as Qwen/Qwen2.5-VL-7B-Instruct has), read
+back through ``TransformersEngine.load``. Its video processor needs torchvision, which does not run beside
+torch 2.13 (CPU): the engine loads the processor without it (backend/models/stills.py).
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+)
 
 from backend.devtools.tiny import _sharpen_lm_head, _text_config, _train_tokenizer
 from backend.models.local import TransformersEngine
+from backend.models.stills import _without_video
 from tests.conftest import noise_image
+from tests.test_chat_templates import TEMPLATES
 
-TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 MERGE = 2
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+            "<|video_pad|>"]  # fmt: skip
 
 
-class QwenProcessorStandIn:
-    def __init__(self) -> None:
-        from transformers import Qwen2VLImageProcessorPil
-
-        specials = [
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<|im_end|>",
-            "<|vision_start|>",
-            "<|vision_end|>",
-            "<|image_pad|>",
-        ]
-        self.tokenizer = _train_tokenizer(specials, eos="<|im_end|>", pad="<|endoftext|>")
-        self.tokenizer.chat_template = TEMPLATE
-        self.image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
-        self.image_pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-
-    def apply_chat_template(self, messages, **options):
-        return self.tokenizer.apply_chat_template(messages, **options)
-
-    def __call__(self, images, text, return_tensors="pt", padding=False):
-        vision = self.image_processor(images=images, return_tensors=return_tensors)
-        counts = iter((vision["image_grid_thw"].prod(-1) // MERGE**2).tolist())
-        expanded = []
-        for line in text:
-            parts = line.split("<|image_pad|>")
-            expanded.append(parts[0] + "".join("<|image_pad|>" * next(counts) + part for part in parts[1:]))
-        encoded = self.tokenizer(expanded, return_tensors=return_tensors, padding=True)
-        encoded["mm_token_type_ids"] = (encoded["input_ids"] == self.image_pad).long()
-        return {**encoded, **vision}
+def build_qwen_checkpoint(path) -> None:
+    tokenizer = _train_tokenizer(SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    template = (TEMPLATES / "qwen2-vl.jinja").read_text()
+    _without_video(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                     chat_template=template).save_pretrained(path)  # fmt: skip
+    saved = path / "processor_config.json"
+    config = json.loads(saved.read_text())
+    config["processor_class"] = "Qwen2VLProcessor"  # what the public checkpoint names, video processor included
+    config["video_processor"] = {"video_processor_type": "Qwen2VLVideoProcessor", "merge_size": MERGE,
+                                 "patch_size": 14, "temporal_patch_size": 2}  # fmt: skip
+    saved.write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
 def qwen_engine(tmp_path_factory) -> TransformersEngine:
-    processor = QwenProcessorStandIn()
-    tokenizer = processor.tokenizer
+    path = tmp_path_factory.mktemp("qwen")
+    build_qwen_checkpoint(path)
+    tokenizer = _train_tokenizer(SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
     vision = dict(
         depth=2,
         hidden_size=32,
@@ -84,17 +71,42 @@ def qwen_engine(tmp_path_factory) -> TransformersEngine:
     config = Qwen2_5_VLConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=processor.image_pad,
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
     )
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config)
     _sharpen_lm_head(model, 0)
-    path = tmp_path_factory.mktemp("qwen")
     model.save_pretrained(path)
-    loaded = AutoModelForImageTextToText.from_pretrained(path)
-    assert type(loaded).__name__ == "Qwen2_5_VLForConditionalGeneration"
-    return TransformersEngine(loaded, processor, "tiny-qwen2.5-vl", batch_size=4, option_scoring="sum")
+    engine = TransformersEngine.load(str(path), "cpu", batch_size=4, option_scoring="sum")
+    assert type(engine.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(engine.processor).__name__ == "Qwen2_5_VLProcessor" and not hasattr(engine.processor, "video_processor")
+    return engine
+
+
+def test_a_qwen_checkpoint_needs_torchvision_for_autoprocessor_but_the_engine_loads_it(qwen_engine, tmp_path):
+    from transformers import AutoProcessor
+
+    build_qwen_checkpoint(tmp_path)
+    with pytest.raises(ImportError, match="Torchvision"):  # what every CPU install here met before
+        AutoProcessor.from_pretrained(tmp_path)
+    answer = qwen_engine.chat.answer("cat")
+    assert qwen_engine.tokenizer.convert_ids_to_tokens(list(answer.ids))[-1] == "<|im_end|>"
+
+
+def test_qwen_scores_equal_a_plain_forward_of_the_whole_rendered_conversation(qwen_engine):
+    image, options = noise_image(56, 56, 9), ["cat", "traffic light"]
+    scores = qwen_engine.score_options([image], "Which label?", options).logprobs[0]
+    prompt = qwen_engine.chat_prefix("Which label?")
+    for option, score in zip(options, scores, strict=True):
+        answer = qwen_engine.chat.answer(option)
+        whole = qwen_engine.processor(images=[image], text=[prompt + answer.text], return_tensors="pt")
+        with torch.no_grad():
+            logits = qwen_engine.model(**whole).logits[0].float().log_softmax(-1)
+        ids, n = whole["input_ids"][0], len(answer.ids)
+        assert ids[-n:].tolist() == list(answer.ids)
+        reference = sum(float(logits[len(ids) - n - 1 + i, t]) for i, t in enumerate(answer.ids))
+        assert score == pytest.approx(reference, abs=1e-4)
 
 
 def test_qwen_prefix_cache_equals_per_pair_with_images_of_different_sizes(qwen_engine):

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
+from transformers import AutoModelForImageTextToText, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from backend import deadline
@@ -25,6 +25,7 @@ from backend.deadline import DeadlineExceeded
 from backend.models.chat import ChatFormat
 from backend.models.engine import EngineError, Generation, OptionScores, OptionScoring, normalise
 from backend.models.image_prefixes import ImagePrefixes, Prefix, image_digest, split_prefixes, stack_layers
+from backend.models.stills import load_processor
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ class TransformersEngine:
         resolved = resolve_device(device)
         arguments = load_arguments(resolved, quantization, device)
         try:
-            processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+            processor = load_processor(model_id, trust_remote_code=trust_remote_code)
             model = AutoModelForImageTextToText.from_pretrained(
                 model_id, trust_remote_code=trust_remote_code, **arguments
             )
