@@ -220,3 +220,15 @@ def test_a_fine_name_generated_after_the_label_reuses_the_crops_vision_pass(chec
     assert [g.text for g in shared] == [g.text for g in alone] and any(g.text for g in shared)
     for ours, theirs in zip(shared, alone, strict=True):
         np.testing.assert_allclose(ours.token_logprobs, theirs.token_logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_answer_token_logprobs_are_picked_slice_by_slice_without_a_full_vocabulary_copy(dtype, monkeypatch):
+    from backend.models import local
+
+    monkeypatch.setattr(local, "_POSITIONS_PER_SLICE", 3)  # 10 positions: slices of 3, 3, 3, 1
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn((2, 10, 50), generator=generator) * 4).to(dtype)
+    targets = torch.randint(0, 50, (2, 10), generator=generator)
+    expected = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    torch.testing.assert_close(local._target_logprobs(logits, targets), expected, rtol=0, atol=1e-5)

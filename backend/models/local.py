@@ -186,6 +186,23 @@ def _token_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return groups
 
 
+# Positions per slice when picking answer tokens' log-probabilities: an fp32 log-softmax over a 152k vocabulary
+# costs 0.6 MB a position, so a slice is bounded (about 150 MB) instead of the whole batch's (GBs at 7B).
+_POSITIONS_PER_SLICE = 256
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)`` at ``targets`` (batch, positions), on the CPU in fp32, without materialising the
+    full-vocabulary log-softmax: each slice of positions gathers its targets' logits and subtracts its logsumexp."""
+    picked = []
+    for start in range(0, logits.shape[1], _POSITIONS_PER_SLICE):
+        part = logits[:, start : start + _POSITIONS_PER_SLICE]
+        chosen = targets[:, start : start + _POSITIONS_PER_SLICE].to(part.device)
+        gathered = part.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).float()
+        picked.append((gathered - torch.logsumexp(part.float(), dim=-1)).cpu())
+    return torch.cat(picked, dim=1)
+
+
 def _prefix_group(prompt: dict[str, torch.Tensor]) -> tuple:
     """Prompts that can share one prefix forward: same length and image tensor shapes."""
     return tuple((k, tuple(v.shape[1:])) for k, v in sorted(prompt.items()))
@@ -541,8 +558,7 @@ class TransformersEngine:
             use_cache=True,
         ).logits
         cache.crop(-width)  # back to the prefix, for the next group of answers
-        logprobs = logits.float().log_softmax(dim=-1).cpu()
-        picked = logprobs.gather(-1, targets[None, :, None].expand(n_images, width, 1)).squeeze(-1)
+        picked = _target_logprobs(logits, targets[None].expand(n_images, width))
         totals = torch.zeros((n_images, len(answers)), dtype=torch.float64)
         return totals.index_add_(1, owner, picked.double()).numpy()
 
@@ -565,8 +581,7 @@ class TransformersEngine:
         # No attention mask: padding sits after each row's real tokens, which causal attention never lets
         # them see, and positions continue from the cache length (Qwen adds its stored rope deltas).
         logits = self._forward(input_ids=rows.to(self._input_device), past_key_values=shared, use_cache=True).logits
-        logprobs = logits.float().log_softmax(dim=-1).cpu()
-        picked = logprobs.gather(-1, targets.repeat(n_images, 1).unsqueeze(-1)).squeeze(-1)
+        picked = _target_logprobs(logits, targets.repeat(n_images, 1))
         picked = picked.masked_fill(~real.repeat(n_images, 1), 0.0)
         return picked.sum(dim=1).reshape(n_images, len(answers)).double().numpy()
 
