@@ -151,7 +151,7 @@ def create_app(service: Service) -> Flask:
         state = service.slot.state
         telemetry.model_ready.set(1 if state == "ready" else 0)
         problems = [service.jobs.problem(), service.key_check.problem, *service.project_setup.problems,
-                    *service.version_sync.problems, *_coarse_scores()]  # fmt: skip
+                    *service.version_sync.problems, *_coarse_scores(), *_prefix_stores()]  # fmt: skip
         body: dict[str, Any] = {"status": "UP", "model_state": state, "model_version": predictor.model_version(),
                                 "warnings": list(dict.fromkeys(p for p in problems if p))}  # fmt: skip
         if g.get("authenticated"):  # what the deployment looks like, only for a caller who proved who they are
@@ -169,6 +169,14 @@ def create_app(service: Service) -> Flask:
         return [f"the {role} ({engine.name}) scores by sampling agreement: {engine.scoring_reason}; its scores are "
                 "coarse (a few answers per question). Serve it with vLLM or SGLang for full-label scores"
                 for role, engine in _engines().items() if engine.scoring_method == "agreement"]  # fmt: skip
+
+    def _prefix_stores() -> list[str]:
+        stores = {role: getattr(engine, "image_prefixes", None) for role, engine in _engines().items()}
+        return [
+            f"the {role}: {problem}"
+            for role, store in stores.items()
+            if store is not None and (problem := store.problem())
+        ]
 
     @app.post("/setup")
     def setup() -> Response:

@@ -90,3 +90,22 @@ def test_infinite_logits_give_the_tasks_an_error_never_a_nan_score_or_a_500(tiny
     assert response.status_code == 200
     body = json.loads(response.get_data(as_text=True), parse_constant=lambda c: pytest.fail(f"{c} in the answer"))
     assert [("non-finite scores" in r.get("error", "")) for r in body["results"]] == [True, True], body
+
+
+def test_health_says_when_the_image_prefix_store_is_smaller_than_one_prefix(make_client):
+    client, service = make_client(MLLM_IMAGE_CACHE_MB="1")
+    engine = service.slot.loaded
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(noise_image(32, 32))).decode()
+    ask = {"tasks": [{"id": 1, "data": {"image": image}}], "label_config": CONFIG}
+    assert client.post("/predict", json=ask).status_code == 200
+    assert len(engine.image_prefixes) == 1 and not client.get("/health").get_json()["warnings"]
+    engine.image_prefixes.clear()
+    engine.image_prefixes.budget_bytes = 64  # a tiny model's prefix is kilobytes; a 7B model's is ~290 MiB
+    ask["tasks"][0]["data"]["image"] = (
+        "data:image/png;base64," + base64.b64encode(png_bytes(noise_image(32, 32, 1))).decode()
+    )
+    assert client.post("/predict", json=ask).status_code == 200
+    [warning] = client.get("/health").get_json()["warnings"]
+    assert len(engine.image_prefixes) == 0
+    assert "the annotator: the image prefix store" in warning and "stores nothing" in warning
+    assert "MLLM_IMAGE_CACHE_MB to at least 8" in warning  # 1 MiB (rounded up) a prefix, 8 images

@@ -52,6 +52,7 @@ class ImagePrefixes:
         self.budget_bytes = budget_bytes
         self._rows: OrderedDict[tuple[bytes, str], Prefix] = OrderedDict()
         self._bytes = 0
+        self.largest_refused = 0  # bytes of the largest prefix that did not fit the whole budget
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -65,6 +66,7 @@ class ImagePrefixes:
     def put(self, key: tuple[bytes, str], row: Prefix) -> None:
         size = row.nbytes
         if size > self.budget_bytes:
+            self.largest_refused = max(self.largest_refused, size)
             return  # one image larger than the whole budget: recompute it each time rather than evict everything
         if key in self._rows:
             self._bytes -= self._rows.pop(key).nbytes
@@ -73,6 +75,16 @@ class ImagePrefixes:
         while self._bytes > self.budget_bytes:
             _, evicted = self._rows.popitem(last=False)
             self._bytes -= evicted.nbytes
+
+    def problem(self) -> str | None:
+        """Why the store keeps nothing, for ``/health``: a 7B model's prefix (about 290 MiB for LLaVA-1.5-7B)
+        outgrows the 256 MiB default."""
+        if not self.largest_refused or self._rows:
+            return None
+        need = -(-self.largest_refused // 2**20)
+        return (f"the image prefix store ({self.budget_bytes // 2**20} MiB) is smaller than one image prefix of this "
+                f"model ({need} MiB), so it stores nothing and every question prefills its image again; set "
+                f"MLLM_IMAGE_CACHE_MB to at least {need * 8} to keep 8 images")  # fmt: skip
 
     def clear(self) -> None:
         self._rows.clear()
