@@ -31,7 +31,8 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "
             "<|video_pad|>"]  # fmt: skip
 
 
-def build_qwen_checkpoint(path) -> None:
+def build_qwen_checkpoint(path):
+    """The processor's files, as the public checkpoint has them; returns the tokenizer (the model needs its ids)."""
     tokenizer = _train_tokenizer(SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
     image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
     template = (TEMPLATES / "qwen2-vl.jinja").read_text()
@@ -43,13 +44,13 @@ def build_qwen_checkpoint(path) -> None:
     config["video_processor"] = {"video_processor_type": "Qwen2VLVideoProcessor", "merge_size": MERGE,
                                  "patch_size": 14, "temporal_patch_size": 2}  # fmt: skip
     saved.write_text(json.dumps(config))
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
 def qwen_engine(tmp_path_factory) -> TransformersEngine:
     path = tmp_path_factory.mktemp("qwen")
-    build_qwen_checkpoint(path)
-    tokenizer = _train_tokenizer(SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
+    tokenizer = build_qwen_checkpoint(path)
     vision = dict(
         depth=2,
         hidden_size=32,

@@ -34,10 +34,6 @@ def user_turn(prompt: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
 
 
-def _assistant(text: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
-
-
 def _text_user(text: str) -> dict:
     return {"role": "user", "content": [{"type": "text", "text": text}]}
 
@@ -112,9 +108,6 @@ class ChatFormat:
         at, token = min(found, key=lambda pair: (pair[0], -len(pair[1])))
         return text[: at + len(token)]
 
-    def _end_of_sequence(self) -> int | None:
-        return self.tokenizer.eos_token_id
-
     def answer(self, option: str, *, question: str = "?") -> RenderedAnswer:
         """``option``'s tokens as the template renders an assistant turn answering with it.
 
@@ -129,7 +122,7 @@ class ChatFormat:
             rendered = None
         if rendered is not None:
             return rendered
-        eos = self._end_of_sequence()
+        eos = self.tokenizer.eos_token_id
         ids = list(self.tokenizer(option, add_special_tokens=False)["input_ids"]) + ([eos] if eos is not None else [])
         return RenderedAnswer(tuple(ids), option, "fallback")
 
@@ -155,7 +148,7 @@ class ChatFormat:
         extra: list[int] = []
         if closing is None:
             closing, ends_with = "", "end of sequence"
-            eos = self._end_of_sequence()
+            eos = self.tokenizer.eos_token_id
             extra = [eos] if eos is not None else []
         prefix_ids, full_ids = self.ids(prefix), self.ids(prefix + said + closing)
         if full_ids[: len(prefix_ids)] != prefix_ids or len(full_ids) == len(prefix_ids):
